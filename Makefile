@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   -- venv + requirements + FashionMNIST, then the embedded end-to-end demo
+#   make test   -- venv + requirements + FashionMNIST, then the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA_DIR ?= data
+
+.PHONY: demo test setup data bench clean-demo
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+data: setup
+	$(PY) -m source.data.fashion_mnist_setup --data-dir $(DATA_DIR)
+
+demo: data
+	$(PY) demo.py --data-dir $(DATA_DIR)
+
+test: data
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/bench_pretrain_throughput.py
+	$(PY) bench/bench_upper_step.py

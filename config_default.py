@@ -1,0 +1,161 @@
+"""Every default of the three BiSSL scripts, written once.
+
+Each stage has one dataclass; each field is a command-line flag (``d_lr`` -> ``--d-lr``) whose
+``help`` says what it is and why it has this value. The argparse parsers of
+``ssl_pre-training.py``, ``bissl.py`` and ``fine-tuning.py`` are generated from these classes by
+``source.cli.build_parser``, so a default is never written twice.
+
+The values are the paper's (BiSSL, arXiv 2410.02387): ResNet-50 pre-trained on ImageNet at
+96x96 px with 4 GPUs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A dataclass field carrying its command-line help text (and optional choices)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class GeneralConfig:
+    """Flags shared by all three scripts."""
+
+    data_dir: str = opt("./data/", "Root folder of all datasets, each in its torchvision layout.")
+    model_dir: str = opt("./models/", "Folder where weights are read from and written to.")
+    download_dataset: int = opt(0, "1: let torchvision download a missing dataset (where it can); 0: never download.", (0, 1))
+    device: str = opt("auto", "auto = CUDA when available, else CPU.", ("auto", "cuda", "cpu"))
+    num_workers: int = opt(8, "DataLoader worker processes per rank (0 = load in the main process).")
+    world_size: int = opt(-1, "Informational: torchrun/Slurm set the real world size via the environment.")
+    dist_url: str = opt("env://", "Rendezvous for torch.distributed (env:// under torchrun; tcp://host:port under Slurm).")
+    omp_num_threads: int = opt(0, "Threads per process for CPU ops (0 = leave PyTorch's/torchrun's choice).")
+    seed: int = opt(0, "Base seed; each rank uses seed + rank for random, numpy and torch.")
+    max_train_samples: int = opt(0, "Cap the training set at this many samples (seeded choice; 0 = all). For smoke runs.")
+    run_dir: str = opt("", "Run directory for checkpoints and metrics (default: <model-dir>/runs/<run name>).")
+    resume: int = opt(1, "1: continue automatically from the run directory's checkpoint if it exists; 0: start over.", (0, 1))
+    amp: str = opt("auto", "Mixed precision: auto = bf16 on CUDA, none on CPU.", ("auto", "none", "bf16", "fp16"))
+    wandb_project: str = opt("", "Weights & Biases project to log to (empty = no wandb).")
+    wandb_mode: str = opt("online", "wandb mode; 'offline' works without network.", ("online", "offline", "disabled"))
+    log_every: int = opt(10, "Write a metrics line every this many optimizer steps.")
+
+
+# Shared by pre-training and the BiSSL lower level.
+LARS_ETA = 0.001  # LARS trust coefficient (You et al., 2017), as the paper.
+FINAL_LR_FACTOR = 0.001  # cosine schedules end at 0.001x the peak LR (paper).
+
+
+@dataclass
+class PretrainConfig:
+    """Conventional self-supervised pre-training (``ssl_pre-training.py``)."""
+
+    pretext_type: str = opt("simclr", "Self-supervised method.", ("simclr", "byol"))
+    img_size: int = opt(96, "Training image side in pixels (paper: 96 for ImageNet).")
+    img_crop_min_ratio: float = opt(0.5, "Minimum area SCALE of the random resized crop (the original passed it as aspect ratio by mistake).")
+    arch: str = opt("resnet50", "Backbone architecture.", ("resnet18", "resnet50"))
+    cifar_stem: int = opt(0, "1: 3x3 stride-1 first conv and no max-pool, for images <= 64 px. Changes conv1's shape.", (0, 1))
+    mlp: str = opt("256-256-256", "Projector (and BYOL predictor) widths: Linear+BN+ReLU hidden layers, last Linear without bias.")
+    epochs: int = opt(500, "Training epochs.")
+    dset: str = opt("imagenet", "Pre-training dataset.", ("imagenet", "stl10", "fashionmnist", "imagefolder"))
+    batch_size: int = opt(1024, "GLOBAL batch size (split evenly over the ranks).")
+    lr: float = opt(4.8, "Peak learning rate (no batch-size scaling).")
+    wd: float = opt(1e-6, "Weight decay.")
+    momentum: float = opt(0.9, "Optimizer momentum.")
+    optimizer: str = opt("lars", "Optimizer.", ("lars", "sgd"))
+    lars_exclude_bias_bn: int = opt(0, "1: exclude biases and BN parameters from LARS weight decay and adaptation (0 = original: include).", (0, 1))
+    warmup_epochs: int = opt(10, "Linear LR warmup epochs before the cosine decay.")
+    temperature: float = opt(0.5, "SimCLR NT-Xent temperature.")
+    ma_decay: float = opt(0.9995, "BYOL target EMA decay (the base value when the schedule is on).")
+    ma_use_scheduler: int = opt(0, "1: BYOL cosine EMA schedule from --ma-decay to 1 over training.", (0, 1))
+    save_model: int = opt(1, "1: write the backbone/projector(/predictor) weights at the end.", (0, 1))
+
+
+@dataclass
+class BisslConfig:
+    """The bilevel stage (``bissl.py``). ``d_*`` = downstream (upper level), ``p_*`` = pretext (lower level)."""
+
+    arch: str = opt("resnet50", "Backbone architecture (must match the pretext weights).", ("resnet18", "resnet50"))
+    cifar_stem: int = opt(0, "1: CIFAR-style stem (must match how the pretext backbone was trained).", (0, 1))
+    img_size: int = opt(96, "Image side in pixels for both levels.")
+    img_crop_min_ratio: float = opt(0.5, "Minimum area scale of random resized crops (both levels).")
+    epochs: int = opt(500, "Number of alternations T (each: --lower-num-iter lower steps, then --upper-num-iter upper steps).")
+    d_dset: str = opt("pets", "Downstream dataset (upper level).")
+    d_batch_size: int = opt(256, "GLOBAL downstream batch size.")
+    d_lr: Optional[float] = opt(None, "Upper-level SGD lr (default: the paper's per-dataset value, see UPPER_LR_WD).")
+    d_wd: Optional[float] = opt(None, "Upper-level weight decay (default: the paper's per-dataset value).")
+    d_momentum: float = opt(0.9, "Upper-level SGD momentum.")
+    d_optimizer: str = opt("sgd", "Upper-level optimizer.", ("sgd",))
+    d_linear_warmup_epochs: int = opt(20, "Epochs of training the downstream head alone (backbone frozen) before the alternations.")
+    d_linear_warmup_lr: float = opt(0.0, "LR of the head warmup (0 = use the upper lr).")
+    p_dset: str = opt("imagenet", "Pretext dataset (lower level).")
+    p_batch_size: int = opt(1024, "GLOBAL pretext batch size.")
+    p_pretext_type: str = opt("simclr", "Pretext method of the loaded weights.", ("simclr", "byol"))
+    p_mlp: str = opt("256-256-256", "Projector/predictor widths of the loaded pretext head.")
+    p_temperature: float = opt(0.5, "SimCLR temperature.")
+    p_ma_decay: float = opt(0.9995, "BYOL target EMA decay.")
+    p_ma_use_scheduler: int = opt(0, "1: cosine EMA schedule over the lower steps.", (0, 1))
+    p_lr: float = opt(1.0, "Peak lower-level LARS lr.")
+    p_wd: float = opt(1e-6, "Lower-level weight decay (as pre-training).")
+    p_momentum: float = opt(0.9, "Lower-level momentum (as pre-training).")
+    p_optimizer: str = opt("lars", "Lower-level optimizer.", ("lars", "sgd"))
+    p_lars_exclude_bias_bn: int = opt(0, "1: exclude biases/BN params from LARS decay and adaptation.", (0, 1))
+    p_pretrained_backbone_filename: str = opt("pretext_simclr_arch-resnet50_bb.pth", "Pretext backbone weights in --model-dir.")
+    p_pretrained_proj_filename: str = opt("pretext_simclr_arch-resnet50_proj.pth", "Pretext projector weights in --model-dir.")
+    p_pretrained_pred_filename: str = opt("", "BYOL predictor weights in --model-dir (default: pretext_byol_arch-<arch>_pred.pth).")
+    lower_num_iter: int = opt(20, "Lower-level steps N_L per alternation.")
+    upper_num_iter: int = opt(8, "Upper-level steps N_U per alternation.")
+    lam: float = opt(0.001, "Proximity weight lambda of (lam/2)||theta_lower - theta_upper||^2.")
+    cg_lam_dampening: float = opt(10.0, "CG dampening delta: solve (I + H/(lam + delta)) x = v.")
+    cg_iter_num: int = opt(5, "Conjugate-gradient iterations per upper step.")
+    cg_solver: str = opt("layerwise", "layerwise = one alpha/beta per tensor (original); global = textbook CG.", ("layerwise", "global"))
+    cg_verbose: int = opt(0, "1: log the CG residual norms of every upper step.", (0, 1))
+    upper_plain_grad_scale: float = opt(1.0, "gamma in x + gamma * grad L_D(theta_upper) (first paper version: 0.01).")
+    grad_clip: float = opt(10.0, "Global gradient-norm clip of both levels (paper: 10).")
+    lower_warmup_alternations: int = opt(10, "Lower LR warmup lasts this many alternations (10 * N_L steps, paper).")
+    save_model: int = opt(1, "1: write the BiSSL backbones and head at the end.", (0, 1))
+
+
+# Upper-level (lr, wd) per downstream dataset from the paper's released configs.
+UPPER_LR_WD: dict[str, dict[str, tuple[float, float]]] = {
+    "simclr": {
+        "food": (0.03, 1e-3), "cars": (0.035, 1e-3), "dtd": (0.03, 1e-3), "pets": (0.03, 1e-3),
+        "flowers": (0.05, 5e-4), "aircrafts": (0.03, 5e-3), "cifar10": (0.015, 1e-3),
+        "cifar100": (0.01, 1e-4), "caltech101": (0.03, 1e-4), "sun397": (0.015, 5e-5),
+        "voc2007": (0.015, 5e-3), "cub2011": (0.03, 1e-3),
+    },
+    "byol": {
+        "food": (0.035, 2e-3), "cars": (0.04, 2e-3), "dtd": (0.015, 1e-4), "pets": (0.02, 2e-3),
+        "flowers": (0.035, 2e-3), "aircrafts": (0.015, 3e-3), "cifar10": (0.01, 1e-3),
+        "cifar100": (0.01, 1e-3), "caltech101": (0.015, 2e-4), "sun397": (0.01, 5e-5),
+        "voc2007": (0.005, 6e-3), "cub2011": (0.015, 1e-4),
+    },
+}
+# Datasets outside the paper's table (fashionmnist, stl10, imagefolder) fall back to this pair.
+UPPER_LR_WD_FALLBACK: tuple[float, float] = (0.03, 1e-3)
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning with random-grid HPO or repeated seeds (``fine-tuning.py``)."""
+
+    backbone_origin: str = opt("pretext", "Where the backbone comes from; labels outputs.", ("pretext", "bissl"))
+    pretrain_arch: str = opt("resnet50", "Architecture of the backbone file.", ("resnet18", "resnet50"))
+    pretrain_cifar_stem: int = opt(0, "1: the backbone uses the CIFAR-style stem.", (0, 1))
+    pretrain_img_size: int = opt(96, "Image side used for fine-tuning (that of pre-training).")
+    pretrain_img_crop_min_ratio: float = opt(0.5, "Minimum area scale of the training random resized crop.")
+    pretrained_backbone_filename: str = opt("pretext_simclr_arch-resnet50_bb.pth", "Backbone weights in --model-dir.")
+    use_hpo: int = opt(1, "1: random grid search over (lr, wd); 0: --num-runs seeds at fixed --lr/--wd.", (0, 1))
+    hpo_lr_min: float = opt(1e-4, "Lower end of the log-uniform lr range (also its quantisation step).")
+    hpo_lr_max: float = opt(1.0, "Upper end of the lr range.")
+    hpo_wd_min: float = opt(1e-5, "Lower end of the log-uniform wd range (also its quantisation step).")
+    hpo_wd_max: float = opt(1e-2, "Upper end of the wd range.")
+    num_runs: int = opt(100, "Number of trials (HPO combinations, or seeds with --use-hpo 0).")
+    batch_size: int = opt(256, "Batch size of each trial (one trial per process).")
+    epochs: int = opt(400, "Fine-tuning epochs per trial.")
+    lr: float = opt(0.05, "Fixed lr for --use-hpo 0 (set it to the best pair of the HPO).")
+    wd: float = opt(5e-4, "Fixed weight decay for --use-hpo 0.")
+    optimizer_momentum: float = opt(0.9, "SGD momentum.")
+    dset: str = opt("pets", "Downstream dataset.")
+    val_fraction: float = opt(0.2, "Share of each class held out for validation when no split file/official val split exists.")
+    save_model: int = opt(0, "1: write each trial's fine-tuned backbone and head.", (0, 1))

@@ -1,0 +1,109 @@
+"""Atomic checkpoints, RNG state capture, and strict weight loading with clear errors.
+
+Everything is loaded with ``torch.load(..., weights_only=True)``: loading never executes code.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class WeightsError(RuntimeError):
+    """A weights file is missing or does not fit the model; the message names the mismatch."""
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a crash never
+    leaves a truncated file at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def load_file(path: Path) -> Any:
+    """``torch.load`` on CPU with ``weights_only=True``."""
+    return torch.load(Path(path), map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """The RNG states of random, numpy and torch (CPU and CUDA), as weights_only-safe types."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_weights(module: nn.Module, path: Path, what: str) -> None:
+    """Load a plain ``state_dict`` file into ``module`` strictly, with errors that name the problem.
+
+    Accepts the paper's published weights (torchvision/timm ResNet keys without ``fc.*``).
+    Missing, unexpected and wrongly shaped keys are all listed in one error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{what} weights not found: {path} (check --model-dir and the filename flag)")
+    try:
+        state = load_file(path)
+    except Exception as error:  # corrupt file or one that needs code execution to load
+        raise WeightsError(f"cannot load {what} weights from {path}: {error}") from error
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} does not hold a state_dict (found {type(state).__name__})")
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(
+        f"{key}: file {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in set(expected) & set(state)
+        if tuple(state[key].shape) != tuple(expected[key].shape)
+    )
+    if missing or unexpected or wrong_shape:
+        def show(items: list[str]) -> str:
+            return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "") or "none"
+        raise WeightsError(
+            f"{what} weights in {path} do not match the model "
+            f"(check --arch / --cifar-stem / --mlp):\n  missing keys: {show(missing)}\n"
+            f"  unexpected keys: {show(unexpected)}\n  shape mismatches: {show(wrong_shape)}"
+        )
+    module.load_state_dict(state, strict=True)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (or the module itself)."""
+    return module.module if hasattr(module, "module") and isinstance(module, nn.parallel.DistributedDataParallel) else module

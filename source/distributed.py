@@ -1,0 +1,176 @@
+"""Distributed runtime: one place that knows about torchrun, Slurm, backends and devices.
+
+Works under ``torchrun`` (any ``--nproc-per-node``, any number of nodes), under Slurm
+(``SLURM_PROCID``/``SLURM_NTASKS``), and as a plain ``python script.py`` (one process, no
+process group). nccl is used for CUDA, gloo for CPU.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+VALID_DEVICES = ("auto", "cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """What a process needs to know about its place in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """Map ``--device`` (auto|cuda|cpu) to a concrete device for this process."""
+    if device not in VALID_DEVICES:
+        raise ValueError(f"--device {device!r} is not one of {VALID_DEVICES}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was requested but CUDA is not available; use --device cpu")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return default
+
+
+def init_distributed(device: str = "auto", dist_url: str = "env://", timeout_minutes: int = 30) -> DistEnv:
+    """Initialise the process group if launched by torchrun or Slurm; otherwise run alone.
+
+    Rank/world size come from torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` or from Slurm's
+    ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``. Under Slurm the rendezvous address
+    must be given by ``MASTER_ADDR``/``MASTER_PORT`` or ``--dist-url tcp://host:port``.
+    """
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    torch_device = resolve_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        kwargs = {}
+        if torch_device.type == "cuda":
+            kwargs["device_id"] = torch_device
+        dist.init_process_group(
+            backend=backend,
+            init_method=dist_url,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            **kwargs,
+        )
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
+
+
+def cleanup_distributed() -> None:
+    """Destroy the process group (if any) so the job exits cleanly."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place mean over ranks (no-op in a single process). Returns ``tensor``."""
+    if get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(get_world_size())
+    return tensor
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (no-op in a single process). Returns ``tensor``."""
+    if get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` (N, ...) from all ranks along dim 0 -> (N * world, ...).
+
+    Gradients flow back through the gather: the backward pass sums the incoming gradients over
+    ranks and returns each rank its own slice (``torch.distributed.nn.functional.all_gather``).
+    Requires the same N on every rank.
+    """
+    if get_world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor), dim=0)
+
+
+@torch.no_grad()
+def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` (N, ...) from all ranks along dim 0, without autograd."""
+    if get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Send a picklable object from ``src`` to every rank."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def seed_everything(seed: int, rank: int = 0) -> int:
+    """Seed ``random``, numpy and torch with ``seed + rank`` so every rank differs but repeats."""
+    effective = seed + rank
+    random.seed(effective)
+    np.random.seed(effective % 2**32)
+    torch.manual_seed(effective)
+    return effective
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if get_world_size() == 1:
+        return [obj]
+    out: list[object] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
