@@ -125,18 +125,34 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the incoming gradients over ranks and keeps this rank's slice.
+
+    Written here because ``torch.distributed.nn.functional.all_gather`` is deprecated.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad.chunk(dist.get_world_size(), dim=0)[dist.get_rank()]
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` (N, ...) from all ranks along dim 0 -> (N * world, ...).
 
     Gradients flow back through the gather: the backward pass sums the incoming gradients over
-    ranks and returns each rank its own slice (``torch.distributed.nn.functional.all_gather``).
-    Requires the same N on every rank.
+    ranks and returns each rank its own slice. Requires the same N on every rank.
     """
     if get_world_size() == 1:
         return tensor
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(tensor), dim=0)
+    return _GatherWithGrad.apply(tensor)
 
 
 @torch.no_grad()
@@ -174,3 +190,30 @@ def gather_objects(obj: object) -> list[object]:
     out: list[object] = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_reduce_gradients_(params: list[torch.Tensor]) -> None:
+    """Average ``.grad`` of ``params`` over ranks in one flat all_reduce (no-op alone).
+
+    Parameters without a gradient count as zero gradients, so every rank takes the same step.
+    """
+    if get_world_size() == 1:
+        return
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    flat = torch.cat([param.grad.reshape(-1) for param in params])
+    all_reduce_mean_(flat)
+    offset = 0
+    for param in params:
+        param.grad.copy_(flat[offset : offset + param.numel()].view_as(param))
+        offset += param.numel()
+
+
+def all_reduce_buffers_(module: torch.nn.Module) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over ranks in place."""
+    if get_world_size() == 1:
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            all_reduce_mean_(buffer.data)

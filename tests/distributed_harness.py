@@ -10,6 +10,7 @@ the test with that rank's traceback.
 """
 from __future__ import annotations
 
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -32,7 +33,8 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
         )
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Plain pickle: tensors travel by value, not as shared memory that dies with the worker.
+        queue.put((rank, "ok", pickle.dumps(result)))
     except Exception:  # reported to the parent, which fails the test
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -57,7 +59,7 @@ def run_in_processes(fn: Callable, world_size: int = 2, args: tuple = (), timeou
         rank, status, payload = queue.get(timeout=timeout)
         if status == "error":
             errors.append(f"rank {rank}:\n{payload}")
-        results[rank] = payload
+        results[rank] = pickle.loads(payload) if status == "ok" else payload
     for proc in procs:
         proc.join(timeout=60)
     if errors:

@@ -1,0 +1,193 @@
+"""Stage 2: BiSSL, the bilevel stage between pre-training and fine-tuning.
+
+    torchrun --nproc-per-node 4 bissl.py --d-dset 'pets' --p-pretext-type 'simclr' \
+        --p-pretrained-backbone-filename 'pretext_simclr_arch-resnet50_bb.pth' \
+        --p-pretrained-proj-filename 'pretext_simclr_arch-resnet50_proj.pth'
+
+Loads the pretext backbone and head from ``--model-dir``, trains the downstream head alone
+(backbone frozen), then runs ``--epochs`` alternations of ``--lower-num-iter`` lower (pretext +
+proximity) steps and ``--upper-num-iter`` upper (downstream, implicit-gradient) steps,
+evaluating on the downstream val split after each. Writes
+``<model-dir>/BiSSL-backbone_<type>_arch-<arch>_dset-<dset>.pth`` (the LOWER backbone, the one to
+fine-tune), ``BiSSL-upper-backbone_...pth``, ``BiSSL-upper-head_...pth`` and a config JSON.
+Checkpoints after every alternation; rerunning the same command resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import config_default as cfg
+from source import checkpoint as ckpt
+from source.bissl_trainer import BilevelSettings, BisslTrainer
+from source.cli import build_parser
+from source.data import (build_downstream_splits, build_pretext_dataset, downstream_test_transform,
+                         downstream_train_transform, pretext_transform, subsample)
+from source.data.stream import BatchStream
+from source.distributed import DistEnv, barrier, cleanup_distributed, gather_objects
+from source.evaluation import ShardedEvalSampler, evaluate
+from source.models import build_backbone
+from source.optim import build_optimizer, warmup_cosine_scheduler
+from source.pretext import BYOL, build_pretext_model
+from source.runtime import amp_dtype, per_rank_batch_size, run_directory, start
+from source.tracking import MetricsWriter
+
+logger = logging.getLogger("bissl")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    return build_parser(__doc__, [(cfg.GeneralConfig, "general"), (cfg.BisslConfig, "BiSSL")])
+
+
+def output_names(args: argparse.Namespace) -> dict[str, str]:
+    tag = f"{args.p_pretext_type}_arch-{args.arch}_dset-{args.d_dset}"
+    return {
+        "lower_backbone": f"BiSSL-backbone_{tag}.pth",
+        "upper_backbone": f"BiSSL-upper-backbone_{tag}.pth",
+        "head": f"BiSSL-upper-head_{tag}.pth",
+        "config": f"BiSSL_{tag}_config.json",
+        "run": f"BiSSL_{tag}",
+    }
+
+
+def resolve_upper_lr_wd(args: argparse.Namespace) -> None:
+    """Fill --d-lr/--d-wd from the paper's per-dataset table when not given."""
+    lr, wd = cfg.UPPER_LR_WD[args.p_pretext_type].get(args.d_dset, cfg.UPPER_LR_WD_FALLBACK)
+    args.d_lr = lr if args.d_lr is None else args.d_lr
+    args.d_wd = wd if args.d_wd is None else args.d_wd
+
+
+def load_lower_model(args: argparse.Namespace) -> nn.Module:
+    backbone, feat_dim = build_backbone(args.arch, cifar_stem=bool(args.cifar_stem))
+    model = build_pretext_model(args.p_pretext_type, backbone, feat_dim, args.p_mlp, args.p_temperature)
+    model_dir = Path(args.model_dir)
+    ckpt.load_weights(model.backbone, model_dir / args.p_pretrained_backbone_filename, "pretext backbone")
+    ckpt.load_weights(model.projector, model_dir / args.p_pretrained_proj_filename, "pretext projector")
+    if isinstance(model, BYOL):
+        pred = args.p_pretrained_pred_filename or f"pretext_byol_arch-{args.arch}_pred.pth"
+        ckpt.load_weights(model.predictor, model_dir / pred, "BYOL predictor")
+        model.reset_target()  # the target starts equal to the loaded online network
+    return model
+
+
+def main(args: argparse.Namespace) -> None:
+    env = start(args)
+    resolve_upper_lr_wd(args)
+    names = output_names(args)
+    run_dir = run_directory(args, names["run"])
+    lower_batch = per_rank_batch_size(args.p_batch_size, env.world_size, "--p-batch-size")
+    upper_batch = per_rank_batch_size(args.d_batch_size, env.world_size, "--d-batch-size")
+    dtype = amp_dtype(args.amp, env.device)
+    if dtype == torch.float16:
+        raise ValueError("bissl.py supports --amp bf16 or none (fp16 loss scaling does not fit the implicit gradient)")
+
+    data_dir = Path(args.data_dir)
+    splits = build_downstream_splits(
+        args.d_dset, data_dir, downstream_train_transform(args.img_size, args.img_crop_min_ratio),
+        downstream_test_transform(args.img_size), download=bool(args.download_dataset),
+        split_seed=args.seed, val_fraction=args.val_fraction,
+    )
+    pretext_set = build_pretext_dataset(args.p_dset, data_dir, pretext_transform(args.img_size, args.img_crop_min_ratio),
+                                        download=bool(args.download_dataset))
+    cap = args.max_train_samples or None
+    pretext_set = subsample(pretext_set, cap, seed=args.seed, stratify=False)
+    upper_train = subsample(splits.train, cap, seed=args.seed, stratify=True)
+    val_set = subsample(splits.val, args.max_eval_samples or None, seed=args.seed, stratify=True)
+    stream_options = dict(rank=env.rank, world_size=env.world_size, num_workers=args.num_workers,
+                          pin_memory=env.device.type == "cuda")
+    lower_stream = BatchStream(pretext_set, lower_batch, seed=args.seed, **stream_options)
+    upper_stream = BatchStream(upper_train, upper_batch, seed=args.seed + 1, **stream_options)
+    val_loader = DataLoader(val_set, batch_size=upper_batch, sampler=ShardedEvalSampler(val_set, env.rank, env.world_size),
+                            num_workers=args.num_workers, pin_memory=env.device.type == "cuda")
+    logger.info("downstream %s: %d train / %d val, %d classes; pretext %s: %d images",
+                args.d_dset, len(upper_train), len(val_set), splits.num_classes, args.p_dset, len(pretext_set))
+
+    lower_model = load_lower_model(args).to(env.device)
+    upper_backbone, feat_dim = build_backbone(args.arch, cifar_stem=bool(args.cifar_stem))
+    upper_backbone.load_state_dict(lower_model.backbone.state_dict())
+    upper_backbone.to(env.device)
+    head = nn.Linear(feat_dim, splits.num_classes).to(env.device)
+    criterion: nn.Module = nn.BCEWithLogitsLoss() if splits.multilabel else nn.CrossEntropyLoss()
+
+    lower_optimizer = build_optimizer(args.p_optimizer, list(lower_model.parameters()), args.p_lr, args.p_wd,
+                                      args.p_momentum, eta=cfg.LARS_ETA, exclude_bias_bn=bool(args.p_lars_exclude_bias_bn))
+    lower_scheduler = warmup_cosine_scheduler(lower_optimizer, args.lower_warmup_alternations * args.lower_num_iter,
+                                              args.epochs * args.lower_num_iter, cfg.FINAL_LR_FACTOR)
+    upper_optimizer = build_optimizer(args.d_optimizer, list(upper_backbone.parameters()) + list(head.parameters()),
+                                      args.d_lr, args.d_wd, args.d_momentum)
+    upper_scheduler = warmup_cosine_scheduler(upper_optimizer, 0, args.epochs * args.upper_num_iter, cfg.FINAL_LR_FACTOR)
+    settings = BilevelSettings(
+        lam=args.lam, cg_damping=args.cg_lam_dampening, cg_iters=args.cg_iter_num,
+        cg_layerwise=args.cg_solver == "layerwise", upper_plain_grad_scale=args.upper_plain_grad_scale,
+        grad_clip=args.grad_clip, lower_steps_per_alternation=args.lower_num_iter,
+        upper_steps_per_alternation=args.upper_num_iter, alternations=args.epochs,
+        ma_decay=args.p_ma_decay, ma_use_scheduler=bool(args.p_ma_use_scheduler), cg_verbose=bool(args.cg_verbose),
+    )
+    trainer = BisslTrainer(lower_model, upper_backbone, head, criterion, lower_optimizer, lower_scheduler,
+                           upper_optimizer, upper_scheduler, settings, env.device, dtype)
+    writer = MetricsWriter(run_dir, env.is_main, vars(args), args.wandb_project, args.wandb_mode)
+    checkpoint_path = run_dir / "checkpoint.pth"
+    start_alternation, history = 0, []
+
+    def save_checkpoint(alternation: int) -> None:
+        rng_states = gather_objects(ckpt.rng_state())
+        if env.is_main:
+            ckpt.save_atomic({"trainer": trainer.state_dict(), "alternation": alternation, "history": history,
+                              "lower_stream": lower_stream.state_dict(), "upper_stream": upper_stream.state_dict(),
+                              "rng": rng_states, "args": vars(args)}, checkpoint_path)
+        barrier()
+
+    if args.resume and checkpoint_path.is_file():
+        state = ckpt.load_file(checkpoint_path)
+        trainer.load_state_dict(state["trainer"])
+        lower_stream.load_state_dict(state["lower_stream"])
+        upper_stream.load_state_dict(state["upper_stream"])
+        start_alternation, history = state["alternation"], state["history"]
+        if len(state["rng"]) == env.world_size:
+            ckpt.set_rng_state(state["rng"][env.rank])
+        else:
+            logger.warning("world size changed since the checkpoint: RNG streams are reseeded")
+        logger.info("resumed from %s after %d alternations", checkpoint_path, start_alternation)
+    else:
+        if env.is_main:
+            ckpt.write_json_atomic(vars(args), run_dir / "config.json")
+        warmup_steps = args.d_linear_warmup_epochs * upper_stream.batches_per_pass
+        warmup_optimizer = torch.optim.SGD(head.parameters(), lr=args.d_linear_warmup_lr or args.d_lr,
+                                           momentum=args.d_momentum, weight_decay=args.d_wd)
+        trainer.warmup_head(upper_stream, warmup_steps, warmup_optimizer, writer, env.is_main)
+        save_checkpoint(0)
+
+    downstream_model = nn.Sequential(upper_backbone, head)
+    progress = tqdm(range(start_alternation, args.epochs), desc="BiSSL alternations", disable=not env.is_main,
+                    initial=start_alternation, total=args.epochs, dynamic_ncols=True)
+    for alternation in progress:
+        metrics = trainer.alternation(lower_stream, upper_stream)
+        scores = evaluate(downstream_model, val_loader, env.device, splits.multilabel, dtype)
+        metrics.update({f"val/{key}": value for key, value in scores.items()})
+        history.append({"alternation": alternation + 1, **metrics})
+        writer.log({**metrics, "alternation": alternation + 1}, trainer.upper_step_count)
+        main_score = "val/map" if splits.multilabel else "val/top1"
+        progress.set_postfix(lower=f"{metrics['lower/loss']:.3f}", upper=f"{metrics['upper/loss']:.3f}",
+                             val=f"{metrics[main_score]:.1f}", dist=f"{metrics['distance']:.3g}")
+        save_checkpoint(alternation + 1)
+
+    if env.is_main and args.save_model:
+        model_dir = Path(args.model_dir)
+        ckpt.save_atomic(lower_model.backbone.state_dict(), model_dir / names["lower_backbone"])
+        ckpt.save_atomic(upper_backbone.state_dict(), model_dir / names["upper_backbone"])
+        ckpt.save_atomic(head.state_dict(), model_dir / names["head"])
+        ckpt.write_json_atomic({**vars(args), "history": history}, model_dir / names["config"])
+        logger.info("wrote %s", model_dir / names["lower_backbone"])
+    writer.close()
+    barrier()
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

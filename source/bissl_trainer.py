@@ -1,0 +1,258 @@
+"""The BiSSL stage: head warmup, then alternating lower (pretext) and upper (downstream) steps.
+
+Zakarias et al., "BiSSL: Enhancing the Alignment Between Self-Supervised Pretraining and
+Downstream Fine-Tuning via Bilevel Optimization" (arXiv 2410.02387):
+
+    lower:  min_{θ_P, ψ}  L_P(θ_P, ψ) + (λ/2)‖θ_P − θ_D‖²          (θ_D fixed)
+    upper:  min_{θ_D, φ}  L_D(θ_P*(θ_D), φ)
+
+Upper gradients (one upper step):
+    θ_D:  x + γ·∇_θD L_D(θ_D, φ),   x ≈ (I + H/(λ + δ))⁻¹ ∇_θ L_D(θ_P, φ)  (CG on HVPs of L_P)
+    φ:    ∇_φ L_D(θ_P, φ) + ∇_φ L_D(θ_D, φ)
+
+No DistributedDataParallel wrapper is used: every gradient (and, inside
+``implicit_gradient``, the CG right-hand side and every HVP) is averaged over ranks explicitly,
+so all ranks apply identical updates and the upper and lower parameters stay identical.
+BatchNorm is per-rank (SyncBatchNorm has no double backward); its running statistics are
+averaged over ranks after each alternation.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from source.bilevel import implicit_gradient, preserved_buffers
+from source.data.stream import BatchStream
+from source.distributed import all_reduce_buffers_, all_reduce_gradients_, all_reduce_mean_
+from source.engine import check_finite
+from source.pretext import BYOL, byol_decay
+from source.tracking import MetricsWriter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BilevelSettings:
+    """The numbers of one BiSSL run (from the command line)."""
+
+    lam: float
+    cg_damping: float
+    cg_iters: int
+    cg_layerwise: bool
+    upper_plain_grad_scale: float
+    grad_clip: float
+    lower_steps_per_alternation: int
+    upper_steps_per_alternation: int
+    alternations: int
+    ma_decay: float
+    ma_use_scheduler: bool
+    cg_verbose: bool = False
+
+
+@torch.no_grad()
+def backbone_distance(lower: nn.Module, upper: nn.Module) -> torch.Tensor:
+    """‖θ_P − θ_D‖ over all backbone parameters (0-dim tensor)."""
+    return torch.sqrt(sum(((p - u) ** 2).sum() for p, u in zip(lower.parameters(), upper.parameters())))
+
+
+class BisslTrainer:
+    """Holds both levels and performs warmup, lower and upper steps on streams of batches.
+
+    lower_model: SimCLR/BYOL module with ``.backbone``; ``lower_model(v1, v2)`` -> pretext loss.
+    upper_backbone, head: the downstream model θ_D, φ; ``criterion(logits, targets)`` -> loss.
+    """
+
+    def __init__(
+        self, lower_model: nn.Module, upper_backbone: nn.Module, head: nn.Module,
+        criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        lower_optimizer: torch.optim.Optimizer, lower_scheduler: torch.optim.lr_scheduler.LRScheduler,
+        upper_optimizer: torch.optim.Optimizer, upper_scheduler: torch.optim.lr_scheduler.LRScheduler,
+        settings: BilevelSettings, device: torch.device, amp_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.lower_model, self.upper_backbone, self.head = lower_model, upper_backbone, head
+        self.criterion = criterion
+        self.lower_optimizer, self.lower_scheduler = lower_optimizer, lower_scheduler
+        self.upper_optimizer, self.upper_scheduler = upper_optimizer, upper_scheduler
+        self.settings, self.device, self.amp_dtype = settings, device, amp_dtype
+        self.lower_backbone_params = list(lower_model.backbone.parameters())
+        self.lower_params = [p for p in lower_model.parameters() if p.requires_grad]
+        self.upper_backbone_params = list(upper_backbone.parameters())
+        self.head_params = list(head.parameters())
+        for lower, upper in zip(self.lower_backbone_params, self.upper_backbone_params, strict=True):
+            assert lower.shape == upper.shape, "lower and upper backbones must share one architecture"
+        self.lower_step_count = 0
+        self.upper_step_count = 0
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device, non_blocking=True)
+
+    # ---------------------------------------------------------------------------------------
+    def warmup_head(self, stream: BatchStream, steps: int, optimizer: torch.optim.Optimizer,
+                    writer: MetricsWriter, show_progress: bool) -> None:
+        """Train the head φ alone on frozen upper-backbone features (backbone in eval mode, no
+        gradients: its weights and BN statistics stay bit-identical)."""
+        from tqdm import tqdm
+
+        self.upper_backbone.eval()
+        self.head.train()
+        for step in tqdm(range(steps), desc="head warmup", disable=not show_progress, leave=False):
+            images, targets = next(stream)
+            images, targets = self._to_device(images), self._to_device(targets)
+            with torch.no_grad(), self._autocast():
+                features = self.upper_backbone(images)
+            with self._autocast():
+                loss = self.criterion(self.head(features.float()), targets)
+            loss_value = all_reduce_mean_(loss.detach().float().clone()).item()
+            check_finite(loss_value, f"in the head warmup, step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            all_reduce_gradients_(self.head_params)
+            optimizer.step()
+            if (step + 1) % 10 == 0 or step + 1 == steps:
+                writer.log({"warmup/loss": loss_value}, step)
+        self.upper_backbone.train()
+
+    # ---------------------------------------------------------------------------------------
+    def lower_step(self, view1: torch.Tensor, view2: torch.Tensor) -> dict[str, float]:
+        """One LARS step on L_P(θ_P, ψ) + (λ/2)‖θ_P − θ_D‖² (θ_D fixed), clipped to grad_clip."""
+        view1, view2 = self._to_device(view1), self._to_device(view2)
+        self.lower_model.train()
+        with self._autocast():
+            pretext_loss = self.lower_model(view1, view2)
+        proximity = 0.5 * self.settings.lam * sum(
+            ((p - u.detach()) ** 2).sum() for p, u in zip(self.lower_backbone_params, self.upper_backbone_params)
+        )
+        loss = pretext_loss.float() + proximity
+        loss_value = all_reduce_mean_(pretext_loss.detach().float().clone()).item()
+        check_finite(loss_value, f"at lower step {self.lower_step_count}")
+        self.lower_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        all_reduce_gradients_(self.lower_params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.lower_params, self.settings.grad_clip)
+        lr = self.lower_optimizer.param_groups[0]["lr"]
+        self.lower_optimizer.step()
+        self.lower_scheduler.step()
+        self.lower_step_count += 1
+        if isinstance(self.lower_model, BYOL):
+            total = self.settings.alternations * self.settings.lower_steps_per_alternation
+            self.lower_model.update_target(
+                byol_decay(self.lower_step_count, total, self.settings.ma_decay, self.settings.ma_use_scheduler)
+            )
+        return {"lower/loss": loss_value, "lower/proximity": float(proximity.detach()), "lower/lr": lr,
+                "lower/grad_norm": float(grad_norm)}
+
+    # ---------------------------------------------------------------------------------------
+    def upper_step(self, images: torch.Tensor, targets: torch.Tensor,
+                   hessian_views: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+        """One SGD step of the upper level with the implicit gradient (see module docstring)."""
+        images, targets = self._to_device(images), self._to_device(targets)
+        view1, view2 = (self._to_device(v) for v in hessian_views)
+        self.lower_model.train()
+        self.upper_backbone.train()
+        self.head.train()
+        num_backbone = len(self.lower_backbone_params)
+
+        # v = ∇_θP L_D(θ_P, φ) and ∇_φ L_D(θ_P, φ); the downstream batch must not leak into the
+        # lower backbone's BN statistics.
+        # (The backward runs inside the context: BN's backward checks the buffers' versions.)
+        with preserved_buffers(self.lower_model.backbone):
+            with self._autocast():
+                lower_logits = self.head(self.lower_model.backbone(images))
+                lower_downstream_loss = self.criterion(lower_logits.float(), targets)
+            grads = torch.autograd.grad(lower_downstream_loss, self.lower_backbone_params + self.head_params)
+        rhs, head_grad_via_lower = grads[:num_backbone], grads[num_backbone:]
+
+        with self._autocast():
+            upper_loss = self.criterion(self.head(self.upper_backbone(images)).float(), targets)
+        upper_value = all_reduce_mean_(upper_loss.detach().float().clone()).item()
+        check_finite(upper_value, f"at upper step {self.upper_step_count}")
+        plain = torch.autograd.grad(upper_loss, self.upper_backbone_params + self.head_params)
+
+        def hessian_loss() -> torch.Tensor:
+            # This rank's batch only: implicit_gradient averages the HVPs over ranks. Full
+            # precision, since the double backward is sensitive to rounding.
+            return self.lower_model(view1, view2, gather_across_ranks=False)
+
+        residuals: list[torch.Tensor] = []
+        with preserved_buffers(self.lower_model):
+            implicit = implicit_gradient(
+                hessian_loss, self.lower_backbone_params, rhs, self.settings.lam, self.settings.cg_damping,
+                self.settings.cg_iters, layerwise=self.settings.cg_layerwise, residual_norms=residuals,
+            )
+
+        for param, grad in zip(self.upper_backbone_params + self.head_params, plain):
+            param.grad = grad.detach().clone()
+        for param, grad in zip(self.head_params, head_grad_via_lower):
+            param.grad.add_(grad)
+        all_reduce_gradients_(self.upper_backbone_params + self.head_params)
+        gamma = self.settings.upper_plain_grad_scale
+        for param, x in zip(self.upper_backbone_params, implicit):
+            param.grad.mul_(gamma).add_(x)  # x is identical on every rank already
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.upper_backbone_params + self.head_params, self.settings.grad_clip)
+        lr = self.upper_optimizer.param_groups[0]["lr"]
+        self.upper_optimizer.step()
+        self.upper_optimizer.zero_grad(set_to_none=True)
+        self.upper_scheduler.step()
+        self.upper_step_count += 1
+        metrics = {
+            "upper/loss": upper_value,
+            "upper/loss_through_lower": all_reduce_mean_(lower_downstream_loss.detach().float().clone()).item(),
+            "upper/lr": lr, "upper/grad_norm": float(grad_norm),
+            "cg/residual_first": float(residuals[0]) if residuals else 0.0,
+            "cg/residual_last": float(residuals[-1]) if residuals else 0.0,
+            "cg/rhs_norm": float(torch.sqrt(sum((v.float() ** 2).sum() for v in rhs))),
+        }
+        if self.settings.cg_verbose:
+            logger.info("upper step %d: CG residual norms %s", self.upper_step_count,
+                        ", ".join(f"{float(r):.3e}" for r in residuals))
+        return metrics
+
+    # ---------------------------------------------------------------------------------------
+    def alternation(self, lower_stream: BatchStream, upper_stream: BatchStream) -> dict[str, float]:
+        """N_L lower steps, then N_U upper steps (one pretext batch for all their HVPs)."""
+        sums: dict[str, float] = {}
+
+        def add(metrics: dict[str, float], count: int) -> None:
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value / count
+
+        for _ in range(self.settings.lower_steps_per_alternation):
+            (view1, view2), _ = next(lower_stream)
+            add(self.lower_step(view1, view2), self.settings.lower_steps_per_alternation)
+        hessian_views, _ = next(lower_stream)
+        for _ in range(self.settings.upper_steps_per_alternation):
+            images, targets = next(upper_stream)
+            add(self.upper_step(images, targets, hessian_views), self.settings.upper_steps_per_alternation)
+        # Per-rank BN statistics diverge with per-rank data; average them so every rank (and
+        # the saved model) holds the same state.
+        all_reduce_buffers_(self.lower_model)
+        all_reduce_buffers_(self.upper_backbone)
+        sums["distance"] = float(backbone_distance(self.lower_model.backbone, self.upper_backbone))
+        return sums
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "lower_model": self.lower_model.state_dict(), "upper_backbone": self.upper_backbone.state_dict(),
+            "head": self.head.state_dict(),
+            "lower_optimizer": self.lower_optimizer.state_dict(), "lower_scheduler": self.lower_scheduler.state_dict(),
+            "upper_optimizer": self.upper_optimizer.state_dict(), "upper_scheduler": self.upper_scheduler.state_dict(),
+            "lower_step_count": self.lower_step_count, "upper_step_count": self.upper_step_count,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lower_model.load_state_dict(state["lower_model"])
+        self.upper_backbone.load_state_dict(state["upper_backbone"])
+        self.head.load_state_dict(state["head"])
+        self.lower_optimizer.load_state_dict(state["lower_optimizer"])
+        self.lower_scheduler.load_state_dict(state["lower_scheduler"])
+        self.upper_optimizer.load_state_dict(state["upper_optimizer"])
+        self.upper_scheduler.load_state_dict(state["upper_scheduler"])
+        self.lower_step_count = state["lower_step_count"]
+        self.upper_step_count = state["upper_step_count"]

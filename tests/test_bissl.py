@@ -1,0 +1,161 @@
+"""BiSSL trainer: frozen-backbone warmup, rank consistency, 1-vs-2-process equality."""
+import copy
+
+import torch
+from torch import nn
+
+from source.bissl_trainer import BilevelSettings, BisslTrainer, backbone_distance
+from source.optim import build_optimizer, warmup_cosine_scheduler
+from source.pretext import BYOL, SimCLR
+from source.tracking import MetricsWriter
+from tests.distributed_harness import run_in_processes
+
+FEATURES, CLASSES = 6, 3
+
+
+def tiny_backbone(batch_norm: bool) -> nn.Module:
+    layers = [nn.Flatten(), nn.Linear(3 * 4 * 4, FEATURES)]
+    if batch_norm:
+        layers.append(nn.BatchNorm1d(FEATURES))
+    layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+def make_trainer(kind: str, batch_norm: bool, seed: int = 0, gamma: float = 1.0) -> BisslTrainer:
+    torch.manual_seed(seed)
+    backbone = tiny_backbone(batch_norm)
+    if kind == "simclr":
+        lower = SimCLR(backbone, FEATURES, "8-5", temperature=0.5)
+    else:
+        lower = BYOL(backbone, FEATURES, "8-5")
+        if not batch_norm:  # a BN-free BYOL: per-sample loss, so rank halves decompose exactly
+            for module in (lower.projector, lower.predictor, lower.target_projector):
+                for i, layer in enumerate(module):
+                    if isinstance(layer, nn.BatchNorm1d):
+                        module[i] = nn.Identity()
+            lower.reset_target()
+    upper = copy.deepcopy(lower.backbone)
+    head = nn.Linear(FEATURES, CLASSES)
+    settings = BilevelSettings(
+        lam=0.5, cg_damping=1.0, cg_iters=3, cg_layerwise=True, upper_plain_grad_scale=gamma, grad_clip=10.0,
+        lower_steps_per_alternation=2, upper_steps_per_alternation=2, alternations=3, ma_decay=0.9,
+        ma_use_scheduler=True,
+    )
+    lower_opt = build_optimizer("lars", list(lower.parameters()), 0.5, 1e-4, 0.9)
+    upper_opt = build_optimizer("sgd", list(upper.parameters()) + list(head.parameters()), 0.1, 1e-4, 0.9)
+    return BisslTrainer(
+        lower, upper, head, nn.CrossEntropyLoss(), lower_opt, warmup_cosine_scheduler(lower_opt, 2, 6, 0.001),
+        upper_opt, warmup_cosine_scheduler(upper_opt, 0, 6, 0.001), settings, torch.device("cpu"),
+    )
+
+
+def make_batches(seed: int, batch: int, alternations: int = 3):
+    """Global batches: per alternation 2 lower + 1 Hessian batch of two views, and 2 upper batches."""
+    generator = torch.Generator().manual_seed(seed)
+    lower = [((torch.randn(batch, 3, 4, 4, generator=generator), torch.randn(batch, 3, 4, 4, generator=generator)), None)
+             for _ in range(3 * alternations)]
+    upper = [(torch.randn(batch, 3, 4, 4, generator=generator), torch.randint(0, CLASSES, (batch,), generator=generator))
+             for _ in range(2 * alternations)]
+    return lower, upper
+
+
+def shard(batches, rank: int, world: int):
+    def part(x):
+        if x is None:
+            return None
+        if isinstance(x, tuple):
+            return tuple(part(item) for item in x)
+        size = x.shape[0] // world
+        return x[rank * size:(rank + 1) * size]
+    return [part(b) for b in batches]
+
+
+def run_alternations(trainer: BisslTrainer, lower, upper, alternations: int = 3):
+    lower_iter, upper_iter = iter(lower), iter(upper)
+    history = [trainer.alternation(lower_iter, upper_iter) for _ in range(alternations)]
+    flat = torch.cat([p.detach().flatten() for p in
+                      [*trainer.lower_model.parameters(), *trainer.upper_backbone.parameters(), *trainer.head.parameters()]])
+    return flat, history
+
+
+def test_head_warmup_keeps_backbone_bit_identical(tmp_path):
+    trainer = make_trainer("simclr", batch_norm=True)
+    before = {k: v.clone() for k, v in trainer.upper_backbone.state_dict().items()}
+    head_before = trainer.head.weight.detach().clone()
+    _, upper = make_batches(0, 8)
+    optimizer = torch.optim.SGD(trainer.head.parameters(), lr=0.5, momentum=0.9)
+    trainer.warmup_head(iter(upper), 5, optimizer, MetricsWriter(tmp_path, False, {}), show_progress=False)
+    after = trainer.upper_backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics
+    assert not torch.equal(head_before, trainer.head.weight)
+
+
+def test_alternation_moves_both_levels_and_logs():
+    trainer = make_trainer("simclr", batch_norm=True)
+    lower0 = [p.detach().clone() for p in trainer.lower_model.backbone.parameters()]
+    lower, upper = make_batches(0, 8)
+    _, history = run_alternations(trainer, lower, upper)
+    assert trainer.lower_step_count == 6 and trainer.upper_step_count == 6
+    moved = sum(float((p - q).abs().sum()) for p, q in zip(trainer.lower_model.backbone.parameters(), lower0))
+    assert moved > 0
+    for key in ("lower/loss", "upper/loss", "cg/residual_last", "distance", "lower/lr", "upper/lr"):
+        assert key in history[-1]
+    assert history[-1]["distance"] == float(backbone_distance(trainer.lower_model.backbone, trainer.upper_backbone))
+
+
+def test_upper_gradient_composition_matches_formula():
+    """θ_D.grad = x + γ ∇θD L_D(θ_D, φ), φ.grad = ∇φ L_D(θ_P, φ) + ∇φ L_D(θ_D, φ) (before clipping)."""
+    from source.bilevel import implicit_gradient
+
+    trainer = make_trainer("simclr", batch_norm=False, gamma=0.01)
+    trainer.settings.grad_clip = 1e9
+    lower, upper = make_batches(3, 8)
+    (v1, v2), _ = lower[0]
+    images, targets = upper[0]
+    reference = copy.deepcopy(trainer)
+    captured = {}
+    original_step = trainer.upper_optimizer.step
+
+    def capture(*args, **kwargs):
+        captured["upper"] = [p.grad.clone() for p in trainer.upper_backbone_params]
+        captured["head"] = [p.grad.clone() for p in trainer.head_params]
+        return original_step(*args, **kwargs)
+
+    trainer.upper_optimizer.step = capture
+    trainer.upper_step(images, targets, (v1, v2))
+    lower_loss = reference.criterion(reference.head(reference.lower_model.backbone(images)), targets)
+    rhs = torch.autograd.grad(lower_loss, reference.lower_backbone_params + reference.head_params)
+    upper_loss = reference.criterion(reference.head(reference.upper_backbone(images)), targets)
+    plain = torch.autograd.grad(upper_loss, reference.upper_backbone_params + reference.head_params)
+    n = len(reference.lower_backbone_params)
+    x = implicit_gradient(lambda: reference.lower_model(v1, v2), reference.lower_backbone_params, rhs[:n],
+                          0.5, 1.0, 3)
+    for got, xi, gi in zip(captured["upper"], x, plain[:n]):
+        assert torch.allclose(got, xi + 0.01 * gi, atol=1e-6)
+    for got, a, b in zip(captured["head"], rhs[n:], plain[n:]):
+        assert torch.allclose(got, a + b, atol=1e-6)
+
+
+def _distributed_bissl(rank, world, kind, batch_norm):
+    torch.set_num_threads(1)
+    trainer = make_trainer(kind, batch_norm)
+    lower, upper = make_batches(7, 8)
+    flat, history = run_alternations(trainer, shard(lower, rank, world), shard(upper, rank, world))
+    buffers = torch.cat([b.float().flatten() for b in trainer.lower_model.buffers()] or [torch.zeros(1)])
+    return flat, buffers, history[-1]["upper/loss"]
+
+
+def test_two_ranks_stay_identical_with_batch_norm_simclr():
+    (flat0, buffers0, _), (flat1, buffers1, _) = run_in_processes(_distributed_bissl, 2, args=("simclr", True))
+    assert torch.equal(flat0, flat1)
+    assert torch.equal(buffers0, buffers1)
+
+
+def test_two_ranks_equal_one_process_on_concatenated_batches():
+    results = run_in_processes(_distributed_bissl, 2, args=("byol", False))
+    trainer = make_trainer("byol", batch_norm=False)
+    lower, upper = make_batches(7, 8)
+    reference, history = run_alternations(trainer, lower, upper)
+    for flat, _, upper_loss in results:
+        assert torch.allclose(flat, reference, atol=1e-5), float((flat - reference).abs().max())
+        assert abs(upper_loss - history[-1]["upper/loss"]) < 1e-5
