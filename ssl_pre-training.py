@@ -19,7 +19,7 @@ import config_default as cfg
 from source import checkpoint as ckpt
 from source.cli import build_parser
 from source.data import build_pretext_dataset, pretext_transform, subsample
-from source.distributed import DistEnv, barrier, cleanup_distributed, gather_objects
+from source.distributed import DistEnv, barrier, cleanup_distributed, gather_objects, parameter_fingerprints
 from source.engine import make_grad_scaler, train_pretext_epoch
 from source.models import build_backbone
 from source.optim import build_optimizer, warmup_cosine_scheduler
@@ -127,6 +127,11 @@ def main(args: argparse.Namespace) -> None:
             }, checkpoint_path)
         barrier()
 
+    fingerprints = parameter_fingerprints(model)
+    if env.is_main:
+        ckpt.write_json_atomic({"epochs_done": args.epochs, "rank_fingerprints": fingerprints}, run_dir / "final_state.json")
+        if len(set(fingerprints)) != 1:
+            raise RuntimeError(f"ranks ended with different weights (fingerprints {fingerprints}); please report this")
     if env.is_main and args.save_model:
         model_dir = Path(args.model_dir)
         stem = output_stem(args)

@@ -217,3 +217,16 @@ def all_reduce_buffers_(module: torch.nn.Module) -> None:
     for buffer in module.buffers():
         if buffer.is_floating_point():
             all_reduce_mean_(buffer.data)
+
+
+@torch.no_grad()
+def parameter_fingerprints(module: torch.nn.Module) -> list[float]:
+    """Every rank's float64 fingerprint of ``module``'s parameters (sum of w * position weights).
+
+    Used to verify, at the end of a run, that all ranks hold identical weights.
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    for index, param in enumerate(module.parameters()):
+        values = param.detach().double().flatten().cpu()
+        total += (values * torch.linspace(1, 2, values.numel(), dtype=torch.float64)).sum() * (index + 1)
+    return [float(value) for value in gather_objects(float(total))]

@@ -285,16 +285,17 @@ def plot_hpo_grid(rows: list[dict], path: Path, metric_name: str) -> None:
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     points = axes.scatter(lrs, wds, c=scores, cmap="viridis", s=30, edgecolors="none")
-    axes.scatter(
-        lrs[best], wds[best], marker="*", s=250, facecolors="none", edgecolors="red", linewidths=1.5,
-        label=f"best: lr={lrs[best]:g}, wd={wds[best]:g} ({scores[best]:.2f})",
-    )
+    axes.scatter(lrs[best], wds[best], marker="*", s=250, facecolors="none", edgecolors="red", linewidths=1.5)
     axes.set_xscale("log")
     axes.set_yscale("log")
     axes.set_xlabel("learning rate")
     axes.set_ylabel("weight decay")
-    axes.set_title(f"Validation {metric_name} over {len(rows)} trials")
-    axes.legend(loc="best", fontsize="small")
+    # The best pair goes in the title rather than a legend, which would cover points of the grid.
+    axes.set_title(
+        f"Validation {metric_name} over {len(rows)} trials\n"
+        f"best (red star): lr={lrs[best]:g}, wd={wds[best]:g}, {metric_name} {scores[best]:.2f}",
+        fontsize="medium",
+    )
     figure.colorbar(points, ax=axes, label=f"best validation {metric_name}")
     figure.tight_layout()
 

@@ -1,0 +1,55 @@
+"""Shared helpers for tests that run the entry scripts as real processes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: int = 20, seed: int = 0) -> Path:
+    """A class-folder tree of random RGB PNGs (with class-dependent colour so labels are learnable)."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class_{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            pixels[..., c % 3] = np.clip(pixels[..., c % 3].astype(int) + 80, 0, 255)
+            Image.fromarray(pixels).save(folder / f"img_{i}.png")
+    return root
+
+
+def script_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def command(script: str, *args: str, nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, str(ROOT / script), *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-port", str(_free_port()), str(ROOT / script), *args]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_script(script: str, *args: str, nproc: int = 1, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(command(script, *args, nproc=nproc), cwd=ROOT, env=script_env(), capture_output=True,
+                            text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
