@@ -268,7 +268,9 @@ def implicit_gradient(
     side (a copy; the caller's tensors are untouched) and every H·p are averaged over ranks,
     so every rank solves the same system (the H of the mean of per-rank losses) and returns
     the identical x. Each rank's ``lower_loss`` should use its own batch and must not go
-    through a DistributedDataParallel wrapper (call the wrapped ``.module``).
+    through a DistributedDataParallel wrapper (call the wrapped ``.module``). The lower model
+    must be twice differentiable: plain BatchNorm is, SyncBatchNorm is not (its backward
+    kernels have no derivative formulas), so keep the lower backbone's BN per-rank.
 
     This function knows nothing about modules: wrap the call in :func:`preserved_buffers` so
     the forward passes it runs leave BatchNorm running statistics unchanged.

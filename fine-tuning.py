@@ -1,0 +1,264 @@
+"""Stage 3: fine-tune a backbone on a downstream dataset, over a random (lr, wd) grid or over seeds.
+
+    torchrun --nproc-per-node 4 fine-tuning.py --dset 'pets' --pretrained-backbone-filename 'pretext_simclr_arch-resnet50_bb.pth' --backbone-origin 'pretext' --num-runs 100 --use-hpo 1
+    torchrun --nproc-per-node 4 fine-tuning.py --dset 'pets' --pretrained-backbone-filename 'BiSSL-backbone_simclr_arch-resnet50_dset-pets.pth' --backbone-origin 'bissl' --num-runs 100 --use-hpo 1
+    torchrun --nproc-per-node 4 fine-tuning.py --dset 'pets' --pretrained-backbone-filename 'BiSSL-backbone_simclr_arch-resnet50_dset-pets.pth' --backbone-origin 'bissl' --num-runs 10 --use-hpo 0
+
+``--use-hpo 1`` runs ``--num-runs`` trials with (lr, wd) drawn log-uniformly from the
+``--hpo-*`` ranges; ``--use-hpo 0`` runs ``--num-runs`` seeds at ``--lr``/``--wd`` (set them to the
+best pair of the grid). Trial i uses seed ``--seed + i``.
+
+Trials, not batches, are spread over the processes: each process runs whole trials one after
+another (trial i on rank ``i mod world size``, on its own GPU), each a single-process training
+with ``--batch-size`` images per step. Every finished trial appends one row to
+``<run dir>/results.jsonl``; the same command run again (after a crash or when done) runs only
+the trials without a row, then prints the summary table (also written to ``summary.txt``;
+HPO: plus ``hpo_grid.png``). A trial whose loss turns NaN/inf is recorded as failed (status
+``failed``, with the reason) and left out of the table; it is not rerun. Per-epoch metrics of
+trial i go to ``<run dir>/trials/trial-<i>/metrics.jsonl``. ``--save-model 1`` writes each trial's
+final backbone and head to ``<model-dir>/finetuned_<origin>_<backbone stem>_dset-<dset>_trial-<i>_{bb,head}.pth``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+import config_default as cfg
+from source import checkpoint as ckpt
+from source.cli import build_parser
+from source.data import (DatasetNotFoundError, DownstreamSplits, build_downstream_splits, downstream_test_transform,
+                         downstream_train_transform, subsample)
+from source.distributed import DistEnv, broadcast_object, cleanup_distributed, seed_everything
+from source.finetune import STATUS_OK, fine_tune, score_name
+from source.hpo import RESULTS_FILENAME, ResultsFile, Trial, make_trial, pending_trials, plot_hpo_grid, shard_trials, summary_table
+from source.models import Classifier, build_backbone
+from source.runtime import amp_dtype, run_directory, start
+from source.tracking import MetricsWriter
+
+logger = logging.getLogger("fine-tuning")
+# One line per finished trial from EVERY rank: this logger is set to INFO on all ranks, while
+# the other loggers of non-main ranks only show warnings.
+trial_logger = logging.getLogger("fine-tuning.trials")
+
+# Ranks that finish their share of trials early wait for the others, possibly for hours; the
+# default process group would abort that wait after its 30-minute timeout.
+END_OF_SWEEP_TIMEOUT = datetime.timedelta(days=7)
+
+# Flags that decide what a trial computes (the (lr, wd) flags of the mode in use included).
+# Continuing a results file written with other values would mix incomparable rows, so that is
+# refused (``--resume 0`` starts over instead). Device, AMP and worker flags may change.
+TRIAL_DEFINING_FLAGS = (
+    "seed", "dset", "val_fraction", "max_train_samples", "max_eval_samples", "backbone_origin", "pretrain_arch",
+    "pretrain_cifar_stem", "pretrain_img_size", "pretrain_img_crop_min_ratio", "pretrained_backbone_filename",
+    "use_hpo", "batch_size", "epochs", "optimizer_momentum",
+)
+HPO_FLAGS = ("hpo_lr_min", "hpo_lr_max", "hpo_wd_min", "hpo_wd_max")
+SEED_RUN_FLAGS = ("lr", "wd")
+METRIC_LABELS = {"top1": "top-1 (%)", "map": "mAP (%)"}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    return build_parser(__doc__, [(cfg.GeneralConfig, "general"), (cfg.FinetuneConfig, "fine-tuning")])
+
+
+def backbone_stem(args: argparse.Namespace) -> str:
+    return Path(args.pretrained_backbone_filename).stem
+
+
+def run_name(args: argparse.Namespace) -> str:
+    mode = "hpo" if args.use_hpo else "seeds"
+    return f"finetune_{args.backbone_origin}_{backbone_stem(args)}_dset-{args.dset}_{mode}"
+
+
+def load_splits(args: argparse.Namespace) -> DownstreamSplits:
+    """The downstream splits; a missing dataset and a missing backbone file are reported together."""
+    problems = []
+    weights_path = Path(args.model_dir) / args.pretrained_backbone_filename
+    if not weights_path.is_file():
+        problems.append(f"backbone weights not found: {weights_path} (check --model-dir and --pretrained-backbone-filename)")
+    splits = None
+    try:
+        splits = build_downstream_splits(
+            args.dset, Path(args.data_dir), downstream_train_transform(args.pretrain_img_size, args.pretrain_img_crop_min_ratio),
+            downstream_test_transform(args.pretrain_img_size), download=bool(args.download_dataset),
+            split_seed=args.seed, val_fraction=args.val_fraction,
+        )
+    except DatasetNotFoundError as error:
+        problems.append(str(error))
+    if problems:
+        raise FileNotFoundError("fine-tuning cannot start:\n  - " + "\n  - ".join(problems))
+    return splits
+
+
+def load_pretrained_backbone(args: argparse.Namespace) -> dict[str, Tensor]:
+    """The backbone state_dict from ``--model-dir``, checked strictly against ``--pretrain-arch``/``--pretrain-cifar-stem``."""
+    backbone, _ = build_backbone(args.pretrain_arch, cifar_stem=bool(args.pretrain_cifar_stem))
+    ckpt.load_weights(backbone, Path(args.model_dir) / args.pretrained_backbone_filename, f"{args.backbone_origin} backbone")
+    return backbone.state_dict()
+
+
+def check_run_config(args: argparse.Namespace, run_dir: Path) -> None:
+    """Refuse to continue a results file whose trials were computed with other settings."""
+    path = run_dir / "config.json"
+    if not args.resume or not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    flags = TRIAL_DEFINING_FLAGS + (HPO_FLAGS if args.use_hpo else SEED_RUN_FLAGS)
+    changed = [f"--{key.replace('_', '-')}: {saved.get(key)!r} in the run, {getattr(args, key)!r} now"
+               for key in flags if saved.get(key) != getattr(args, key)]
+    if changed:
+        raise ValueError(
+            f"{run_dir} holds trials made with other settings ({'; '.join(changed)}). Pass --resume 0 to start over "
+            "(the old results are kept under another name) or --run-dir to use another folder."
+        )
+
+
+def prepare_run_dir(args: argparse.Namespace, run_dir: Path, results: ResultsFile) -> None:
+    """Rank 0: with ``--resume 0`` move old results aside (nothing is deleted); record the settings."""
+    if not args.resume and results.path.exists():
+        old = results.path.with_name(f"{results.path.name}.{time.strftime('%Y%m%d-%H%M%S')}.old")
+        os.replace(results.path, old)
+        logger.info("--resume 0: moved the previous results to %s", old)
+    if not args.resume or not (run_dir / "config.json").is_file():
+        ckpt.write_json_atomic(vars(args), run_dir / "config.json")
+
+
+def eval_loader(dataset: Dataset, args: argparse.Namespace, device: torch.device, persistent: bool) -> DataLoader:
+    return DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                      pin_memory=device.type == "cuda", persistent_workers=persistent and args.num_workers > 0)
+
+
+def run_trial(
+    args: argparse.Namespace, env: DistEnv, trial: Trial, pretrained: dict[str, Tensor], train_set: Dataset,
+    val_loader: DataLoader, test_loader: DataLoader, splits: DownstreamSplits, dtype: torch.dtype | None, run_dir: Path,
+) -> dict:
+    """Train and score one trial in this process; returns its results row."""
+    started = time.perf_counter()
+    # Everything random in the trial (head init, shuffling, augmentation) follows the trial seed
+    # alone, so a trial gives the same result whichever rank runs it.
+    seed_everything(trial.seed)
+    backbone, feat_dim = build_backbone(args.pretrain_arch, cifar_stem=bool(args.pretrain_cifar_stem))
+    backbone.load_state_dict(pretrained)
+    model = Classifier(backbone, feat_dim, splits.num_classes).to(env.device)
+    generator = torch.Generator().manual_seed(trial.seed)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, generator=generator,
+                              num_workers=args.num_workers, pin_memory=env.device.type == "cuda",
+                              persistent_workers=args.num_workers > 0)
+
+    # A rerun of a trial that was killed starts over: its old per-epoch log and wandb run go.
+    trial_dir = run_dir / "trials" / f"trial-{trial.index:04d}"
+    for stale in ("metrics.jsonl", "wandb_id.txt"):
+        (trial_dir / stale).unlink(missing_ok=True)
+    writer = MetricsWriter(trial_dir, True, {**vars(args), "trial": trial.index, "trial_seed": trial.seed,
+                                             "trial_lr": trial.lr, "trial_wd": trial.wd},
+                           args.wandb_project, args.wandb_mode)
+
+    def save_final(final_model: nn.Module) -> None:
+        prefix = f"finetuned_{args.backbone_origin}_{backbone_stem(args)}_dset-{args.dset}_trial-{trial.index}"
+        ckpt.save_atomic(final_model.backbone.state_dict(), Path(args.model_dir) / f"{prefix}_bb.pth")
+        ckpt.save_atomic(final_model.head.state_dict(), Path(args.model_dir) / f"{prefix}_head.pth")
+
+    try:
+        result = fine_tune(
+            model, train_loader, val_loader, test_loader, lr=trial.lr, wd=trial.wd, momentum=args.optimizer_momentum,
+            epochs=args.epochs, device=env.device, amp_dtype=dtype, multilabel=splits.multilabel,
+            show_progress=env.is_main, description=f"trial {trial.index} (lr {trial.lr:g}, wd {trial.wd:g})",
+            on_epoch=lambda metrics: writer.log(metrics, step=int(metrics["epoch"])),
+            on_final_model=save_final if args.save_model else None,
+        )
+    finally:
+        writer.close()
+    return {"trial": trial.index, "seed": trial.seed, "lr": trial.lr, "wd": trial.wd, **result.row(),
+            "time_s": round(time.perf_counter() - started, 2), "metric": score_name(splits.multilabel),
+            "epochs": args.epochs, "rank": env.rank}
+
+
+def report(args: argparse.Namespace, run_dir: Path, rows: list[dict], metric: str) -> str:
+    """The summary of this command's trials (``range(--num-runs)``); failed trials are listed apart."""
+    rows = [row for row in rows if int(row["trial"]) < args.num_runs]
+    succeeded = [row for row in rows if row.get("status", STATUS_OK) == STATUS_OK]
+    failed = [row for row in rows if row.get("status", STATUS_OK) != STATUS_OK]
+    label = METRIC_LABELS.get(metric, metric)
+    lines = [f"{run_dir}: {len(rows)} of {args.num_runs} trials done, {len(failed)} failed",
+             summary_table(succeeded, bool(args.use_hpo), label)]
+    for row in sorted(failed, key=lambda row: row["trial"]):
+        lines.append(f"failed: trial {row['trial']} (lr {row['lr']:g}, wd {row['wd']:g}): {row.get('error', 'unknown')}")
+    if args.use_hpo and succeeded:
+        plot_hpo_grid(succeeded, run_dir / "hpo_grid.png", label)
+        lines.append(f"grid plot: {run_dir / 'hpo_grid.png'}")
+    text = "\n".join(lines)
+    temporary = run_dir / ".summary.txt.tmp"
+    temporary.write_text(text + "\n")
+    os.replace(temporary, run_dir / "summary.txt")
+    return text
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def main(args: argparse.Namespace) -> None:
+    env = start(args)
+    trial_logger.setLevel(logging.INFO)
+    run_dir = run_directory(args, run_name(args))
+    dtype = amp_dtype(args.amp, env.device)
+    # gloo honours a per-group timeout for a barrier on every device type (see END_OF_SWEEP_TIMEOUT).
+    end_group = dist.new_group(backend="gloo", timeout=END_OF_SWEEP_TIMEOUT) if env.distributed else None
+
+    splits = load_splits(args)  # before the weights, so a missing dataset and missing weights are named together
+    train_set = subsample(splits.train, args.max_train_samples or None, seed=args.seed, stratify=True)
+    val_set = subsample(splits.val, args.max_eval_samples or None, seed=args.seed, stratify=True)
+    test_set = subsample(splits.test, args.max_eval_samples or None, seed=args.seed, stratify=True)
+    if len(train_set) < args.batch_size:
+        raise ValueError(f"the train split has {len(train_set)} images, fewer than one batch (--batch-size {args.batch_size})")
+    pretrained = load_pretrained_backbone(args)
+    metric = score_name(splits.multilabel)
+    logger.info("%s: %d train / %d val / %d test images, %d classes; backbone %s (%s)", args.dset, len(train_set),
+                len(val_set), len(test_set), splits.num_classes, args.pretrained_backbone_filename, args.backbone_origin)
+
+    results = ResultsFile(run_dir / RESULTS_FILENAME)
+    check_run_config(args, run_dir)
+    if env.is_main:
+        prepare_run_dir(args, run_dir, results)
+    # Rank 0 reads the finished trials and sends them to all, so every rank shards the same list
+    # (and no rank can see a row that another one appended in the meantime).
+    finished = broadcast_object(results.finished_trials() if env.is_main else None)
+    pending = pending_trials(args.num_runs, finished)
+    mine = shard_trials(pending, env.rank, env.world_size)
+    logger.info("%s: %d of %d trials already done; %d to run over %d processes",
+                run_dir, args.num_runs - len(pending), args.num_runs, len(pending), env.world_size)
+
+    # Worker processes start on first use only; val's stay up across this rank's trials.
+    val_loader = eval_loader(val_set, args, env.device, persistent=True)
+    test_loader = eval_loader(test_set, args, env.device, persistent=False)
+    for index in mine:
+        trial = make_trial(index, args.seed, bool(args.use_hpo), args.lr, args.wd,
+                           (args.hpo_lr_min, args.hpo_lr_max), (args.hpo_wd_min, args.hpo_wd_max))
+        row = run_trial(args, env, trial, pretrained, train_set, val_loader, test_loader, splits, dtype, run_dir)
+        results.append(row)
+        trial_logger.info(
+            "[rank %d] trial %d (lr %g, wd %g, seed %d) %s in %.0fs: best val %s %s at epoch %s, test %s (final) / %s (best)%s",
+            env.rank, trial.index, trial.lr, trial.wd, trial.seed, row["status"], row["time_s"], metric,
+            _fmt(row["best_val"]), row["best_epoch"] or "-", _fmt(row["test_final"]), _fmt(row["test_best"]),
+            f": {row['error']}" if "error" in row else "",
+        )
+
+    if end_group is not None:
+        dist.barrier(group=end_group)
+    if env.is_main:
+        print(report(args, run_dir, results.rows(), metric), flush=True)
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
