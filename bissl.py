@@ -97,7 +97,7 @@ def main(args: argparse.Namespace) -> None:
                                         download=bool(args.download_dataset))
     cap = args.max_train_samples or None
     pretext_set = subsample(pretext_set, cap, seed=args.seed, stratify=False)
-    upper_train = subsample(splits.train, cap, seed=args.seed, stratify=True)
+    upper_train = subsample(splits.train, args.d_max_train_samples or cap, seed=args.seed, stratify=True)
     val_set = subsample(splits.val, args.max_eval_samples or None, seed=args.seed, stratify=True)
     stream_options = dict(rank=env.rank, world_size=env.world_size, num_workers=args.num_workers,
                           pin_memory=env.device.type == "cuda")

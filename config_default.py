@@ -88,6 +88,7 @@ class BisslConfig:
     d_momentum: float = opt(0.9, "Upper-level SGD momentum.")
     d_optimizer: str = opt("sgd", "Upper-level optimizer.", ("sgd",))
     d_linear_warmup_epochs: int = opt(20, "Epochs of training the downstream head alone (backbone frozen) before the alternations.")
+    d_max_train_samples: int = opt(0, "Cap the downstream training set (stratified, seeded; 0 = --max-train-samples), e.g. K labels per class.")
     d_linear_warmup_lr: float = opt(0.0, "LR of the head warmup (0 = use the upper lr).")
     val_fraction: float = opt(0.2, "Share of each downstream class held out for validation when no split file/official val split exists.")
     p_dset: str = opt("imagenet", "Pretext dataset (lower level).")

@@ -12,7 +12,7 @@ from tests.script_helpers import ROOT, command, make_image_folder, run_script, s
 
 def common_args(data_dir, model_dir, epochs=1, batch=16, pretext="simclr"):
     return ["--pretext-type", pretext, "--dset", "imagefolder", "--data-dir", str(data_dir), "--arch", "resnet18",
-            "--cifar-stem", "1", "--img-size", "16", "--epochs", str(epochs), "--batch-size", str(batch),
+            "--cifar-stem", "0", "--img-size", "16", "--epochs", str(epochs), "--batch-size", str(batch),
             "--mlp", "32-16", "--lr", "0.5", "--warmup-epochs", "1", "--device", "cpu", "--num-workers", "0",
             "--model-dir", str(model_dir), "--log-every", "1"]
 
