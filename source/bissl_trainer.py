@@ -136,6 +136,7 @@ class BisslTrainer:
         loss.backward()
         all_reduce_gradients_(self.lower_params)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.lower_params, self.settings.grad_clip)
+        check_finite(float(grad_norm), f"(gradient norm) at lower step {self.lower_step_count}")
         lr = self.lower_optimizer.param_groups[0]["lr"]
         self.lower_optimizer.step()
         self.lower_scheduler.step()
@@ -196,6 +197,9 @@ class BisslTrainer:
         for param, x in zip(self.upper_backbone_params, implicit):
             param.grad.mul_(gamma).add_(x)  # x is identical on every rank already
         grad_norm = torch.nn.utils.clip_grad_norm_(self.upper_backbone_params + self.head_params, self.settings.grad_clip)
+        # A diverged CG solve shows up here; it is reported, never clipped away or zeroed.
+        check_finite(float(grad_norm), f"(upper gradient norm incl. the implicit gradient; CG residuals "
+                                       f"{[round(float(r), 4) for r in residuals]}) at upper step {self.upper_step_count}")
         lr = self.upper_optimizer.param_groups[0]["lr"]
         self.upper_optimizer.step()
         self.upper_optimizer.zero_grad(set_to_none=True)

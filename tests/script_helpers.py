@@ -26,7 +26,7 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: i
 
 
 def script_env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), WANDB_SILENT="true")
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     return env

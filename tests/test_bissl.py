@@ -96,7 +96,7 @@ def test_alternation_moves_both_levels_and_logs():
     lower, upper = make_batches(0, 8)
     _, history = run_alternations(trainer, lower, upper)
     assert trainer.lower_step_count == 6 and trainer.upper_step_count == 6
-    moved = sum(float((p - q).abs().sum()) for p, q in zip(trainer.lower_model.backbone.parameters(), lower0))
+    moved = sum(float((p.detach() - q).abs().sum()) for p, q in zip(trainer.lower_model.backbone.parameters(), lower0))
     assert moved > 0
     for key in ("lower/loss", "upper/loss", "cg/residual_last", "distance", "lower/lr", "upper/lr"):
         assert key in history[-1]
@@ -159,3 +159,22 @@ def test_two_ranks_equal_one_process_on_concatenated_batches():
     for flat, _, upper_loss in results:
         assert torch.allclose(flat, reference, atol=1e-5), float((flat - reference).abs().max())
         assert abs(upper_loss - history[-1]["upper/loss"]) < 1e-5
+
+
+def test_non_finite_implicit_gradient_stops_the_run():
+    from source.engine import NonFiniteLossError
+
+    trainer = make_trainer("simclr", batch_norm=False)
+    lower, upper = make_batches(0, 8)
+    (v1, v2), _ = lower[0]
+    images, targets = upper[0]
+    v1 = v1.clone()
+    v1[0, 0, 0, 0] = float("nan")  # poisons only the Hessian batch, hence only the CG solve
+    before = [p.detach().clone() for p in trainer.upper_backbone_params]
+    try:
+        trainer.upper_step(images, targets, (v1, v2))
+    except NonFiniteLossError as error:
+        assert "CG residuals" in str(error)
+    else:
+        raise AssertionError("a NaN implicit gradient was applied silently")
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.upper_backbone_params))

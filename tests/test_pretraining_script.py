@@ -41,7 +41,10 @@ def test_two_ranks_end_identical_and_write_outputs(images, tmp_path, pretext, fi
 
 def test_resume_after_kill_matches_uninterrupted_run(images, tmp_path):
     args = common_args(images, tmp_path / "straight", epochs=3)
-    run_script("ssl_pre-training.py", *args)
+    # wandb in offline mode rides along: it must work without network and change nothing.
+    run_script("ssl_pre-training.py", *args, "--wandb-project", "bissl-tests", "--wandb-mode", "offline")
+    wandb_dir = tmp_path / "straight" / "runs" / "pretext_simclr_arch-resnet18_dset-imagefolder" / "wandb"
+    assert any(wandb_dir.glob("offline-run-*")), "no offline wandb run was written"
     resumed_dir = tmp_path / "resumed"
     args_resumed = common_args(images, resumed_dir, epochs=3)
     checkpoint = resumed_dir / "runs" / "pretext_simclr_arch-resnet18_dset-imagefolder" / "checkpoint.pth"
