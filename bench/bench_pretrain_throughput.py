@@ -8,15 +8,19 @@ so it measures the model, not the data pipeline. An "image" is one sample (two v
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from source.models import build_backbone
 from source.optim import build_optimizer
 from source.pretext import SimCLR
-from source.runtime import amp_dtype
-from source.distributed import resolve_device
+from source.distributed import resolve_device  # noqa: E402
+from source.runtime import amp_dtype  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

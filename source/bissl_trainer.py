@@ -86,6 +86,7 @@ class BisslTrainer:
             assert lower.shape == upper.shape, "lower and upper backbones must share one architecture"
         self.lower_step_count = 0
         self.upper_step_count = 0
+        self._warned_cg_growth = False
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
@@ -213,6 +214,12 @@ class BisslTrainer:
             "cg/residual_last": float(residuals[-1]) if residuals else 0.0,
             "cg/rhs_norm": float(torch.sqrt(sum((v.float() ** 2).sum() for v in rhs))),
         }
+        if residuals and metrics["cg/residual_last"] > metrics["cg/rhs_norm"] and not self._warned_cg_growth:
+            self._warned_cg_growth = True  # once per run: the metrics file has every value
+            logger.warning(
+                "CG residual grew from %.3g (right-hand side) to %.3g at upper step %d: the system I + H/(lam + delta) "
+                "is poorly conditioned for this CG. Consider --cg-solver global or a larger --cg-lam-dampening.",
+                metrics["cg/rhs_norm"], metrics["cg/residual_last"], self.upper_step_count)
         if self.settings.cg_verbose:
             logger.info("upper step %d: CG residual norms %s", self.upper_step_count,
                         ", ".join(f"{float(r):.3e}" for r in residuals))
