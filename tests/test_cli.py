@@ -49,3 +49,29 @@ def test_every_field_has_help():
     for config_cls in (cfg.GeneralConfig, cfg.PretrainConfig, cfg.BisslConfig, cfg.FinetuneConfig):
         for item in dataclasses.fields(config_cls):
             assert item.metadata.get("help"), f"{config_cls.__name__}.{item.name} has no help"
+
+
+def test_readme_states_the_configured_defaults():
+    readme = (ROOT / "README.md").read_text()
+    p, b, f = cfg.PretrainConfig(), cfg.BisslConfig(), cfg.FinetuneConfig()
+    def sci(x: float) -> str:  # 1e-06 -> 1e-6, as the README writes small numbers
+        return f"{x:.0e}".replace("e-0", "e-")
+
+    statements = {
+        f"pre-training {p.epochs} epochs, batch {p.batch_size}": True,
+        f"LARS (η {cfg.LARS_ETA:g}) lr {p.lr:g}, wd {sci(p.wd)}": True,
+        f"{p.warmup_epochs} warmup epochs then cosine to {cfg.FINAL_LR_FACTOR:g}×": True,
+        f"{p.img_size} px, crop scale min {p.img_crop_min_ratio:g}": True,
+        f"projector\n`{p.mlp}`": True,
+        f"SimCLR temperature {p.temperature:g}, BYOL EMA {p.ma_decay:g}": True,
+        f"{b.epochs} alternations (`--epochs`) of\n{b.lower_num_iter} lower": True,
+        f"and {b.upper_num_iter} upper (`--upper-num-iter`) steps, λ = {b.lam:g}, δ = {b.cg_lam_dampening:g}, {b.cg_iter_num} CG": True,
+        f"lower LARS lr {b.p_lr:.1f}, upper SGD momentum {b.d_momentum:g} batch {b.d_batch_size}, head warmup {b.d_linear_warmup_epochs} epochs": True,
+        f"clip gradients at norm {b.grad_clip:g}": True,
+        f"Fine-tuning: {f.epochs}\nepochs, batch {f.batch_size}, SGD momentum {f.optimizer_momentum:g}": True,
+        f"lr log-uniform in [{sci(f.hpo_lr_min)}, {f.hpo_lr_max:g}]": True,
+        f"wd log-uniform in [{sci(f.hpo_wd_min)}, {sci(f.hpo_wd_max)}]": True,
+    }
+    flat = " ".join(readme.split())
+    missing = [text for text in statements if " ".join(text.split()) not in flat]
+    assert not missing, f"README does not state these defaults as configured: {missing}"
