@@ -30,7 +30,7 @@ ARCH, IMG_SIZE = "resnet18", 28  # FashionMNIST's native size
 PRETRAIN = dict(epochs=4, batch_size=128, samples=2048, lr=1.0, warmup_epochs=1)
 BISSL = dict(alternations=6, lower_steps=4, upper_steps=2, lam=0.001, p_lr=0.2, p_batch_size=64, d_batch_size=64,
              warmup_epochs=20, warmup_lr=0.03, d_lr=0.03, d_wd=1e-3, cg_iters=3)
-FINETUNE = dict(epochs=10, batch_size=50, lr=0.03, wd=5e-4)
+FINETUNE = dict(epochs=8, batch_size=50, lr=0.03, wd=5e-4)
 LABELS_PER_CLASS, NUM_CLASSES, EVAL_SAMPLES = 20, 10, 1000
 
 

@@ -5,6 +5,7 @@ import json
 import logging
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ class MetricsWriter:
             import wandb  # optional dependency: imported only when asked for
 
             id_file = Path(run_dir) / "wandb_id.txt"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             self.wandb_run = wandb.init(
                 project=wandb_project, mode=wandb_mode, id=run_id, resume="allow",
