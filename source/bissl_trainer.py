@@ -27,7 +27,7 @@ from torch import nn
 
 from source.bilevel import implicit_gradient, preserved_buffers
 from source.data.stream import BatchStream
-from source.distributed import all_reduce_buffers_, all_reduce_gradients_, all_reduce_mean_
+from source.distributed import all_reduce_buffers_, all_reduce_gradients_, all_reduce_mean_, get_rank
 from source.engine import check_finite
 from source.pretext import BYOL, byol_decay
 from source.tracking import MetricsWriter
@@ -212,9 +212,11 @@ class BisslTrainer:
             "upper/lr": lr, "upper/grad_norm": float(grad_norm),
             "cg/residual_first": float(residuals[0]) if residuals else 0.0,
             "cg/residual_last": float(residuals[-1]) if residuals else 0.0,
+            # rank 0's own right-hand side, before implicit_gradient averages it over ranks
             "cg/rhs_norm": float(torch.sqrt(sum((v.float() ** 2).sum() for v in rhs))),
         }
-        if residuals and metrics["cg/residual_last"] > metrics["cg/rhs_norm"] and not self._warned_cg_growth:
+        if (residuals and metrics["cg/residual_last"] > metrics["cg/rhs_norm"] and not self._warned_cg_growth
+                and get_rank() == 0):
             self._warned_cg_growth = True  # once per run: the metrics file has every value
             logger.warning(
                 "CG residual grew from %.3g (right-hand side) to %.3g at upper step %d: the system I + H/(lam + delta) "
