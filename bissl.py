@@ -30,7 +30,7 @@ from source.cli import build_parser
 from source.data import (build_downstream_splits, build_pretext_dataset, downstream_test_transform,
                          downstream_train_transform, pretext_transform, subsample)
 from source.data.stream import BatchStream
-from source.distributed import DistEnv, barrier, cleanup_distributed, gather_objects
+from source.distributed import barrier, cleanup_distributed
 from source.evaluation import ShardedEvalSampler, evaluate
 from source.models import build_backbone
 from source.optim import build_optimizer, warmup_cosine_scheduler
@@ -136,7 +136,7 @@ def main(args: argparse.Namespace) -> None:
     start_alternation, history = 0, []
 
     def save_checkpoint(alternation: int) -> None:
-        rng_states = gather_objects(ckpt.rng_state())
+        rng_states = ckpt.all_rank_rng_states()
         if env.is_main:
             ckpt.save_atomic({"trainer": trainer.state_dict(), "alternation": alternation, "history": history,
                               "lower_stream": lower_stream.state_dict(), "upper_stream": upper_stream.state_dict(),
@@ -149,10 +149,7 @@ def main(args: argparse.Namespace) -> None:
         lower_stream.load_state_dict(state["lower_stream"])
         upper_stream.load_state_dict(state["upper_stream"])
         start_alternation, history = state["alternation"], state["history"]
-        if len(state["rng"]) == env.world_size:
-            ckpt.set_rng_state(state["rng"][env.rank])
-        else:
-            logger.warning("world size changed since the checkpoint: RNG streams are reseeded")
+        ckpt.restore_rank_rng_state(state["rng"], env.rank, env.world_size)
         logger.info("resumed from %s after %d alternations", checkpoint_path, start_alternation)
     else:
         if env.is_main:

@@ -197,9 +197,7 @@ def report(args: argparse.Namespace, run_dir: Path, rows: list[dict], metric: st
         plot_hpo_grid(succeeded, run_dir / "hpo_grid.png", label)
         lines.append(f"grid plot: {run_dir / 'hpo_grid.png'}")
     text = "\n".join(lines)
-    temporary = run_dir / ".summary.txt.tmp"
-    temporary.write_text(text + "\n")
-    os.replace(temporary, run_dir / "summary.txt")
+    ckpt.write_text_atomic(text + "\n", run_dir / "summary.txt")
     return text
 
 

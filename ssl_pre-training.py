@@ -19,7 +19,7 @@ import config_default as cfg
 from source import checkpoint as ckpt
 from source.cli import build_parser
 from source.data import build_pretext_dataset, pretext_transform, subsample
-from source.distributed import DistEnv, barrier, cleanup_distributed, gather_objects, parameter_fingerprints
+from source.distributed import DistEnv, barrier, cleanup_distributed, parameter_fingerprints
 from source.engine import make_grad_scaler, train_pretext_epoch
 from source.models import build_backbone
 from source.optim import build_optimizer, warmup_cosine_scheduler
@@ -89,10 +89,7 @@ def main(args: argparse.Namespace) -> None:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"]
-        if len(state["rng"]) == env.world_size:
-            ckpt.set_rng_state(state["rng"][env.rank])
-        else:
-            logger.warning("world size changed since the checkpoint: RNG streams are reseeded")
+        ckpt.restore_rank_rng_state(state["rng"], env.rank, env.world_size)
         logger.info("resumed from %s at epoch %d", checkpoint_path, start_epoch)
 
     ddp_model = model
@@ -118,7 +115,7 @@ def main(args: argparse.Namespace) -> None:
         )
         writer.log({"epoch/loss": mean_loss, "epoch": epoch}, global_step)
         logger.info("epoch %d/%d: loss %.4f", epoch + 1, args.epochs, mean_loss)
-        rng_states = gather_objects(ckpt.rng_state())
+        rng_states = ckpt.all_rank_rng_states()
         if env.is_main:
             ckpt.save_atomic({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),

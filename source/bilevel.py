@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from source.distributed import all_reduce_mean_, get_world_size
+from source.distributed import all_reduce_mean_tensors_
 
 Vectors = tuple[Tensor, ...]
 MatVec = Callable[[Sequence[Tensor]], Sequence[Tensor]]
@@ -228,18 +228,6 @@ def conjugate_gradient(
 # --------------------------------------------------------------------------------------------
 
 
-def _all_reduce_mean_tuple_(tensors: Sequence[Tensor]) -> None:
-    """Average every tensor over ranks in place with ONE collective (no-op in one process)."""
-    if get_world_size() == 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    all_reduce_mean_(flat)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
 def implicit_gradient(
     lower_loss: Callable[[], Tensor],
     params: Sequence[Tensor],
@@ -284,7 +272,7 @@ def implicit_gradient(
     params = tuple(params)
     rhs = tuple(v.detach().clone() for v in vectors)
     _check_vectors(params, rhs)
-    _all_reduce_mean_tuple_(rhs)
+    all_reduce_mean_tensors_(rhs)
     if cg_iters == 0:
         return tuple(torch.zeros_like(v) for v in rhs)
 
@@ -297,7 +285,7 @@ def implicit_gradient(
 
     def matvec(p: Sequence[Tensor]) -> Vectors:
         hp = hvp(p)
-        _all_reduce_mean_tuple_(hp)
+        all_reduce_mean_tensors_(hp)
         return tuple(p_i + scale * hp_i for p_i, hp_i in zip(p, hp))
 
     return conjugate_gradient(matvec, rhs, cg_iters, layerwise=layerwise, residual_norms=residual_norms)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from source.distributed import gather_objects
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,12 +34,17 @@ def save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_json_atomic(obj: Any, path: Path) -> None:
+def write_text_atomic(text: str, path: Path) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then ``os.replace`` it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    write_text_atomic(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
 
 
 def load_file(path: Path) -> Any:
@@ -68,6 +75,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def all_rank_rng_states() -> list[dict[str, Any]]:
+    """Every rank's :func:`rng_state`, in rank order (a collective: call it on every rank)."""
+    return gather_objects(rng_state())
+
+
+def restore_rank_rng_state(states: list[dict[str, Any]], rank: int, world_size: int) -> None:
+    """Restore this rank's RNG state from a checkpoint's per-rank list; if the world size
+    changed, the streams cannot be matched, so they stay freshly seeded (with a warning)."""
+    if len(states) == world_size:
+        set_rng_state(states[rank])
+    else:
+        logger.warning("world size changed since the checkpoint (%d -> %d): RNG streams are reseeded",
+                       len(states), world_size)
 
 
 def load_weights(module: nn.Module, path: Path, what: str) -> None:

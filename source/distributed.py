@@ -10,6 +10,7 @@ import datetime
 import logging
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -192,8 +193,20 @@ def gather_objects(obj: object) -> list[object]:
     return out
 
 
+def all_reduce_mean_tensors_(tensors: Sequence[torch.Tensor]) -> None:
+    """Average every tensor over ranks in place with ONE flat all_reduce (no-op alone)."""
+    if get_world_size() == 1 or not tensors:
+        return
+    flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
+    all_reduce_mean_(flat)
+    offset = 0
+    for tensor in tensors:
+        tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
+
+
 def all_reduce_gradients_(params: list[torch.Tensor]) -> None:
-    """Average ``.grad`` of ``params`` over ranks in one flat all_reduce (no-op alone).
+    """Average ``.grad`` of ``params`` over ranks (no-op alone).
 
     Parameters without a gradient count as zero gradients, so every rank takes the same step.
     """
@@ -202,12 +215,7 @@ def all_reduce_gradients_(params: list[torch.Tensor]) -> None:
     for param in params:
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-    flat = torch.cat([param.grad.reshape(-1) for param in params])
-    all_reduce_mean_(flat)
-    offset = 0
-    for param in params:
-        param.grad.copy_(flat[offset : offset + param.numel()].view_as(param))
-        offset += param.numel()
+    all_reduce_mean_tensors_([param.grad for param in params])
 
 
 def all_reduce_buffers_(module: torch.nn.Module) -> None:

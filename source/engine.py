@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -85,15 +85,3 @@ def train_pretext_epoch(
         raise ValueError("the training loader produced no batch: the dataset is smaller than one global batch")
     return total_loss / num_steps, global_step
 
-
-def cycle(make_iterator: Callable[[int], Iterator], start_pass: int = 0) -> Iterator:
-    """Endless stream over a loader: pass k calls ``make_iterator(k)`` (e.g. set_epoch(k) then iter)."""
-    current = start_pass
-    while True:
-        empty = True
-        for item in make_iterator(current):
-            empty = False
-            yield item
-        if empty:
-            raise ValueError("a data loader produced no batch: dataset smaller than one batch")
-        current += 1

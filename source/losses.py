@@ -39,10 +39,7 @@ def nt_xent_loss(
     self_index = torch.cat([local, local + m])
     positive_index = torch.cat([local + m, local])
     rows = torch.arange(2 * n, device=z1.device)
-    logits = logits.masked_fill(
-        torch.zeros_like(logits, dtype=torch.bool).index_put_((rows, self_index), torch.tensor(True, device=z1.device)),
-        float("-inf"),
-    )
+    logits = logits.index_put((rows, self_index), torch.tensor(float("-inf"), device=z1.device, dtype=logits.dtype))
     local_mean = F.cross_entropy(logits, positive_index)
     if world == 1:
         return local_mean

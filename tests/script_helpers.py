@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tests.distributed_harness import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,15 +38,7 @@ def command(script: str, *args: str, nproc: int = 1) -> list[str]:
     if nproc == 1:
         return [sys.executable, str(ROOT / script), *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-port", str(_free_port()), str(ROOT / script), *args]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+            "--master-port", str(free_port()), str(ROOT / script), *args]
 
 
 def run_script(script: str, *args: str, nproc: int = 1, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:

@@ -11,14 +11,14 @@ Delete the files to regenerate them (e.g. after changing ``--seed`` or the val f
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
+
+from source.checkpoint import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -230,14 +230,8 @@ def write_split_file(path: Path, indices: Sequence[int]) -> None:
     A folder that cannot be written (read-only dataset share) only costs a warning: the split
     is a deterministic function of the seed and is regenerated identically next time.
     """
-    path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-            handle.write("".join(f"{int(i)}\n" for i in indices))
-            tmp = Path(handle.name)
-        os.chmod(tmp, 0o644)  # NamedTemporaryFile creates 0600 files; other users may share the data folder
-        os.replace(tmp, path)
+        write_text_atomic("".join(f"{int(i)}\n" for i in indices), path)
     except OSError as error:
         logger.warning("could not write split file %s (%s); the split is regenerated from the seed each run", path, error)
 
