@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA_DIR ?= data
 
-.PHONY: demo test setup data bench clean-demo
+.PHONY: demo test setup data bench clean-demo lint
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +28,8 @@ test: data
 bench: setup
 	$(PY) bench/bench_pretrain_throughput.py
 	$(PY) bench/bench_upper_step.py
+
+# Dev tools (ruff; lightly for bench/bench_augment.py) live in requirements-dev.txt, not the runtime set.
+lint: setup
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m ruff check .

@@ -27,8 +27,14 @@ import config_default as cfg
 from source import checkpoint as ckpt
 from source.bissl_trainer import BilevelSettings, BisslTrainer
 from source.cli import build_parser
-from source.data import (build_downstream_splits, build_pretext_dataset, downstream_test_transform,
-                         downstream_train_transform, pretext_transform, subsample)
+from source.data import (
+    build_downstream_splits,
+    build_pretext_dataset,
+    downstream_test_transform,
+    downstream_train_transform,
+    pretext_transform,
+    subsample,
+)
 from source.data.stream import BatchStream
 from source.distributed import barrier, cleanup_distributed
 from source.evaluation import ShardedEvalSampler, evaluate

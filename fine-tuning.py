@@ -36,11 +36,26 @@ from torch.utils.data import DataLoader, Dataset
 import config_default as cfg
 from source import checkpoint as ckpt
 from source.cli import build_parser
-from source.data import (DatasetNotFoundError, DownstreamSplits, build_downstream_splits, downstream_test_transform,
-                         downstream_train_transform, subsample)
+from source.data import (
+    DatasetNotFoundError,
+    DownstreamSplits,
+    build_downstream_splits,
+    downstream_test_transform,
+    downstream_train_transform,
+    subsample,
+)
 from source.distributed import DistEnv, broadcast_object, cleanup_distributed, seed_everything
 from source.finetune import STATUS_OK, fine_tune, score_name
-from source.hpo import RESULTS_FILENAME, ResultsFile, Trial, make_trial, pending_trials, plot_hpo_grid, shard_trials, summary_table
+from source.hpo import (
+    RESULTS_FILENAME,
+    ResultsFile,
+    Trial,
+    make_trial,
+    pending_trials,
+    plot_hpo_grid,
+    shard_trials,
+    summary_table,
+)
 from source.models import Classifier, build_backbone
 from source.runtime import amp_dtype, run_directory, start
 from source.tracking import MetricsWriter

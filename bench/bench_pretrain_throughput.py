@@ -16,10 +16,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from source.distributed import resolve_device  # noqa: E402
 from source.models import build_backbone
 from source.optim import build_optimizer
 from source.pretext import SimCLR
-from source.distributed import resolve_device  # noqa: E402
 from source.runtime import amp_dtype  # noqa: E402
 
 

@@ -11,7 +11,7 @@ ranks (single-label) or gathers the per-sample scores of shards of unequal sizes
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence, Sized
+from collections.abc import Iterator, Sequence, Sized
 
 import torch
 import torch.nn.functional as F
