@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -43,14 +44,18 @@ from scipy import stats
 from source.hpo import RESULTS_FILENAME, ResultsFile
 
 CONFIDENCE = 0.95
-# Settings of fine-tuning.py that decide what a trial computes and must therefore agree between
-# compared runs. The backbone (origin, file) is what is being compared; the base seed may differ
-# (the runs are then compared unpaired); lr/wd may differ (each backbone at its own best pair).
-SHARED_SETTINGS = (
-    "dset", "val_fraction", "max_train_samples", "max_eval_samples", "pretrain_arch", "pretrain_cifar_stem",
-    "pretrain_img_size", "pretrain_img_crop_min_ratio", "use_hpo", "batch_size", "epochs", "optimizer_momentum",
+# Settings of fine-tuning.py that do not change what a trial computes (paths, devices, logging,
+# how many trials), plus what a comparison varies: the backbone, the base seed (runs without
+# shared seeds are compared unpaired) and the fine-tuning (lr, wd), since each backbone is
+# fine-tuned at its own best pair. Every OTHER setting must agree between compared runs, so a
+# flag added later is compared by default.
+NOT_COMPARED = (
+    "data_dir", "model_dir", "download_dataset", "device", "num_workers", "world_size", "dist_url", "omp_num_threads",
+    "run_dir", "resume", "amp", "wandb_project", "wandb_mode", "log_every", "num_runs", "save_model",
+    "backbone_origin", "pretrained_backbone_filename", "seed", "lr", "wd",
 )
-HPO_SETTINGS = ("hpo_lr_min", "hpo_lr_max", "hpo_wd_min", "hpo_wd_max")
+HPO_SETTINGS = ("hpo_lr_min", "hpo_lr_max", "hpo_wd_min", "hpo_wd_max")  # compared between HPO runs only
+SUMMARY_SETTINGS = ("epochs", "batch_size", "max_train_samples", "max_eval_samples", "pretrain_arch", "pretrain_img_size")
 # (label, results-row key) of the two fine-tuned models every trial scores on the test split.
 MODELS = (("final", "test_final"), ("best-val", "test_best"))
 METRIC_LABELS = {"top1": "top-1 (%)", "map": "mAP (%)"}
@@ -120,16 +125,25 @@ def load_run(path: Path | str, label: str | None = None) -> Run:
                failed=len(by_trial) - len(ok))
 
 
+def _defaults() -> dict:
+    """fine-tuning.py's defaults: the value of a setting that a run made before the flag existed lacks."""
+    import config_default as cfg
+
+    return {**dataclasses.asdict(cfg.GeneralConfig()), **dataclasses.asdict(cfg.FinetuneConfig())}
+
+
 def setting_differences(runs: Sequence[Run]) -> list[str]:
     """One line per trial-defining setting on which some run differs from the first (baseline)."""
-    baseline = runs[0]
-    keys = SHARED_SETTINGS + (HPO_SETTINGS if baseline.use_hpo else ())
+    baseline, defaults = runs[0], _defaults()
+    ignored = set(NOT_COMPARED) | (set() if baseline.use_hpo else set(HPO_SETTINGS))
+    keys = sorted(set().union(*(run.config for run in runs)) - ignored)
     lines = []
     for key in keys:
-        differing = [run for run in runs[1:] if run.config.get(key) != baseline.config.get(key)]
+        values = [run.config.get(key, defaults.get(key)) for run in runs]
+        differing = [run for run, value in zip(runs[1:], values[1:]) if value != values[0]]
         if differing:
-            values = ", ".join(f"{run.config.get(key)!r} in {run.label}" for run in [baseline, *differing])
-            lines.append(f"--{key.replace('_', '-')}: {values}")
+            shown = ", ".join(f"{run.config.get(key, defaults.get(key))!r} in {run.label}" for run in [baseline, *differing])
+            lines.append(f"--{key.replace('_', '-')}: {shown}")
     return lines
 
 
@@ -258,8 +272,8 @@ def hpo_summary(run: Run, top_k: int) -> dict:
 
 
 def settings_line(run: Run) -> str:
-    keys = SHARED_SETTINGS + (HPO_SETTINGS if run.use_hpo else ())
-    return ", ".join(f"{key.replace('_', '-')} {run.config.get(key)}" for key in keys if key not in ("dset", "use_hpo"))
+    keys = SUMMARY_SETTINGS + (HPO_SETTINGS if run.use_hpo else ())
+    return ", ".join(f"{key.replace('_', '-')} {run.config.get(key)}" for key in keys)
 
 
 def markdown_report(runs: Sequence[Run], top_k: int = 5, extra_columns: dict[str, dict[str, str]] | None = None) -> str:

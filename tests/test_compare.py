@@ -16,7 +16,8 @@ from scipy import stats
 import config_default as cfg
 from source.compare import (
     HPO_SETTINGS,
-    SHARED_SETTINGS,
+    NOT_COMPARED,
+    SUMMARY_SETTINGS,
     compare_scores,
     load_run,
     main,
@@ -60,7 +61,7 @@ def write_run(path: Path, scores: dict[int, float], base_seed: int = 0, best: di
 
 def test_settings_are_real_fine_tuning_flags():
     flags = set(config())
-    assert set(SHARED_SETTINGS + HPO_SETTINGS) <= flags
+    assert set(NOT_COMPARED + HPO_SETTINGS + SUMMARY_SETTINGS) <= flags
 
 
 def test_paired_t_interval_and_p_value_match_the_formula():
@@ -152,6 +153,15 @@ def test_mismatched_runs_are_refused_naming_the_settings(tmp_path, capsys):
     # The backbone and the (lr, wd) pair are what a comparison varies: allowed.
     other = write_run(tmp_path / "c", scores, backbone_origin="bissl", pretrained_backbone_filename="x.pth", lr=0.1, wd=1e-3)
     assert "(baseline)" in markdown_report([load_run(baseline), load_run(other)])
+    # A setting the comparison does not know (a flag added later) is compared too; a run that
+    # predates a flag counts as having its default.
+    newer = write_run(tmp_path / "d", scores, some_new_flag=1)
+    with pytest.raises(ValueError, match="--some-new-flag: None in a, 1 in d"):
+        markdown_report([load_run(baseline), load_run(newer)])
+    older = write_run(tmp_path / "e", scores)
+    config_path = older / "config.json"
+    config_path.write_text(json.dumps({k: v for k, v in json.loads(config_path.read_text()).items() if k != "optimizer_momentum"}))
+    assert "(baseline)" in markdown_report([load_run(baseline), load_run(older)])
 
 
 def test_failed_trials_are_left_out(tmp_path):
