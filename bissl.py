@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -134,6 +135,7 @@ def main(args: argparse.Namespace) -> None:
         grad_clip=args.grad_clip, lower_steps_per_alternation=args.lower_num_iter,
         upper_steps_per_alternation=args.upper_num_iter, alternations=args.epochs,
         ma_decay=args.p_ma_decay, ma_use_scheduler=bool(args.p_ma_use_scheduler), cg_verbose=bool(args.cg_verbose),
+        upper_level=bool(args.upper_level),
     )
     trainer = BisslTrainer(lower_model, upper_backbone, head, criterion, lower_optimizer, lower_scheduler,
                            upper_optimizer, upper_scheduler, settings, env.device, dtype)
@@ -163,7 +165,8 @@ def main(args: argparse.Namespace) -> None:
         warmup_steps = args.d_linear_warmup_epochs * upper_stream.batches_per_pass
         warmup_optimizer = torch.optim.SGD(head.parameters(), lr=args.d_linear_warmup_lr or args.d_lr,
                                            momentum=args.d_momentum, weight_decay=args.d_wd)
-        trainer.warmup_head(upper_stream, warmup_steps, warmup_optimizer, writer, env.is_main)
+        if args.upper_level:
+            trainer.warmup_head(upper_stream, warmup_steps, warmup_optimizer, writer, env.is_main)
         save_checkpoint(0)
 
     downstream_model = nn.Sequential(upper_backbone, head)
@@ -171,13 +174,15 @@ def main(args: argparse.Namespace) -> None:
                     initial=start_alternation, total=args.epochs, dynamic_ncols=True)
     for alternation in progress:
         metrics = trainer.alternation(lower_stream, upper_stream)
-        scores = evaluate(downstream_model, val_loader, env.device, splits.multilabel, dtype)
-        metrics.update({f"val/{key}": value for key, value in scores.items()})
+        if args.upper_level:  # without one the downstream model never changes: nothing to evaluate
+            scores = evaluate(downstream_model, val_loader, env.device, splits.multilabel, dtype)
+            metrics.update({f"val/{key}": value for key, value in scores.items()})
         history.append({"alternation": alternation + 1, **metrics})
-        writer.log({**metrics, "alternation": alternation + 1}, trainer.upper_step_count)
+        writer.log({**metrics, "alternation": alternation + 1},
+                   trainer.upper_step_count if args.upper_level else trainer.lower_step_count)
         main_score = "val/map" if splits.multilabel else "val/top1"
-        progress.set_postfix(lower=f"{metrics['lower/loss']:.3f}", upper=f"{metrics['upper/loss']:.3f}",
-                             val=f"{metrics[main_score]:.1f}", dist=f"{metrics['distance']:.3g}")
+        progress.set_postfix(lower=f"{metrics['lower/loss']:.3f}", upper=f"{metrics.get('upper/loss', math.nan):.3f}",
+                             val=f"{metrics.get(main_score, math.nan):.1f}", dist=f"{metrics['distance']:.3g}")
         save_checkpoint(alternation + 1)
 
     if env.is_main and args.save_model:

@@ -4,20 +4,21 @@
 
 1. SimCLR pre-training of a ResNet-18 on FashionMNIST images (labels unused).
 2. BiSSL towards the downstream task: FashionMNIST classification from few labels per class.
-3. Fine-tuning of BOTH the pre-trained and the BiSSL backbone at the same hyperparameters over
-   several seeds, then a table (baseline vs BiSSL, val and test accuracy, mean ± std, time per
-   stage) and a figure (per-seed test accuracies and BiSSL's val curve).
+3. Fine-tuning of BOTH the pre-trained and the BiSSL backbone at the same hyperparameters on the
+   same seeds, then the paired comparison of ``source.compare`` (per-seed differences, their
+   95 % confidence interval and p-values) and a figure joining each seed's two scores.
 
 Every stage is the real entry script run under torchrun, so this is also a smoke test of the
-command lines. Rerunning after an interruption continues where it stopped: finished stages are
-skipped and an interrupted stage resumes from its checkpoint.
+command lines. Everything goes to ``--out-dir`` (nothing else in the checkout is written).
+Rerunning after an interruption continues where it stopped: finished stages are skipped and an
+interrupted stage resumes from its checkpoint. ``bench/bissl_ablation.py`` builds on the same
+stages.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -25,13 +26,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 
-# Sized so the three stages take about 10 minutes on 2 CPU cores (see the README for a measured run).
+# Sized by measurement to stay well inside 15 minutes on 2 CPU cores (see the README).
 ARCH, IMG_SIZE = "resnet18", 28  # FashionMNIST's native size
 PRETRAIN = dict(epochs=4, batch_size=128, samples=2048, lr=1.0, warmup_epochs=1)
 BISSL = dict(alternations=6, lower_steps=4, upper_steps=2, lam=0.001, p_lr=0.2, p_batch_size=64, d_batch_size=64,
              warmup_epochs=20, warmup_lr=0.03, d_lr=0.03, d_wd=1e-3, cg_iters=3)
 FINETUNE = dict(epochs=8, batch_size=50, lr=0.03, wd=5e-4)
 LABELS_PER_CLASS, NUM_CLASSES, EVAL_SAMPLES = 20, 10, 1000
+SEEDS = 10
+PRETEXT_BACKBONE = f"pretext_simclr_arch-{ARCH}_bb.pth"
+PRETEXT_PROJECTOR = f"pretext_simclr_arch-{ARCH}_proj.pth"
+BISSL_BACKBONE = f"BiSSL-backbone_simclr_arch-{ARCH}_dset-fashionmnist.pth"
+BISSL_CONFIG = f"BiSSL_simclr_arch-{ARCH}_dset-fashionmnist_config.json"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -39,7 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default="data", help="dataset root holding FashionMNIST/raw (default: data)")
     parser.add_argument("--out-dir", default="demo_out", help="weights, runs and results of the demo (default: demo_out)")
     parser.add_argument("--nproc", type=int, default=2, help="torchrun processes per stage (default: 2)")
-    parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per backbone (default: 3)")
+    parser.add_argument("--seeds", type=int, default=SEEDS, help=f"fine-tuning seeds per backbone, the same for both (default: {SEEDS})")
     parser.add_argument("--device", default="cpu", help="cpu|cuda|auto (default: cpu)")
     return parser
 
@@ -51,18 +57,19 @@ class Stages:
         self.path = out_dir / "timings.json"
         self.timings: dict[str, float] = json.loads(self.path.read_text()) if self.path.exists() else {}
 
-    def run(self, name: str, command: list[str], done: Path) -> None:
+    def run(self, name: str, command: list[str], done: Path, tag: str = "demo") -> None:
         if done.exists() and name in self.timings:
-            print(f"[demo] {name}: already done ({self.timings[name]:.0f} s), skipping", flush=True)
+            print(f"[{tag}] {name}: already done ({self.timings[name]:.0f} s), skipping", flush=True)
             return
-        print(f"\n[demo] {name}:\n  {' '.join(command)}", flush=True)
+        print(f"\n[{tag}] {name}:\n  {' '.join(command)}", flush=True)
         start = time.perf_counter()
         env = dict(os.environ, OMP_NUM_THREADS="1")
         result = subprocess.run(command, cwd=ROOT, env=env)
-        if result.returncode != 0:
-            sys.exit(f"[demo] {name} failed (exit {result.returncode}); fix the error above and rerun to resume")
+        # The time of an interrupted attempt counts too: the resumed stage only does the rest.
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
         self.path.write_text(json.dumps(self.timings, indent=2))
+        if result.returncode != 0:
+            sys.exit(f"[{tag}] {name} failed (exit {result.returncode}); fix the error above and rerun to resume")
 
 
 def torchrun(nproc: int, script: str, *args: object) -> list[str]:
@@ -70,11 +77,35 @@ def torchrun(nproc: int, script: str, *args: object) -> list[str]:
             *[str(a) for a in args]]
 
 
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "n/a"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {std:.2f}"
+def general_args(data_dir: Path, model_dir: Path, device: str) -> list:
+    """Flags every stage gets: paths, device, no loader workers (2 cores), base seed 0."""
+    return ["--data-dir", data_dir, "--model-dir", model_dir, "--device", device, "--num-workers", 0, "--seed", 0]
+
+
+def pretrain_args() -> list:
+    return ["--pretext-type", "simclr", "--dset", "fashionmnist", "--arch", ARCH, "--img-size", IMG_SIZE,
+            "--epochs", PRETRAIN["epochs"], "--batch-size", PRETRAIN["batch_size"], "--max-train-samples", PRETRAIN["samples"],
+            "--lr", PRETRAIN["lr"], "--warmup-epochs", PRETRAIN["warmup_epochs"]]
+
+
+def bissl_args() -> list:
+    return ["--d-dset", "fashionmnist", "--p-dset", "fashionmnist", "--p-pretext-type", "simclr", "--arch", ARCH,
+            "--img-size", IMG_SIZE, "--p-pretrained-backbone-filename", PRETEXT_BACKBONE,
+            "--p-pretrained-proj-filename", PRETEXT_PROJECTOR,
+            "--epochs", BISSL["alternations"], "--lower-num-iter", BISSL["lower_steps"], "--upper-num-iter", BISSL["upper_steps"],
+            "--lower-warmup-alternations", 1, "--lam", BISSL["lam"], "--p-lr", BISSL["p_lr"], "--cg-iter-num", BISSL["cg_iters"],
+            "--p-batch-size", BISSL["p_batch_size"], "--d-batch-size", BISSL["d_batch_size"],
+            "--d-linear-warmup-epochs", BISSL["warmup_epochs"], "--d-linear-warmup-lr", BISSL["warmup_lr"],
+            "--d-lr", BISSL["d_lr"], "--d-wd", BISSL["d_wd"], "--max-train-samples", PRETRAIN["samples"],
+            "--d-max-train-samples", LABELS_PER_CLASS * NUM_CLASSES, "--max-eval-samples", EVAL_SAMPLES]
+
+
+def finetune_args(origin: str, weights: str, seeds: int, run_dir: Path) -> list:
+    """Seeds 0 .. seeds-1 (base --seed 0), so runs of different backbones pair seed by seed."""
+    return ["--dset", "fashionmnist", "--pretrained-backbone-filename", weights, "--backbone-origin", origin,
+            "--pretrain-arch", ARCH, "--pretrain-img-size", IMG_SIZE, "--use-hpo", 0, "--num-runs", seeds,
+            "--epochs", FINETUNE["epochs"], "--batch-size", FINETUNE["batch_size"], "--lr", FINETUNE["lr"], "--wd", FINETUNE["wd"],
+            "--max-train-samples", LABELS_PER_CLASS * NUM_CLASSES, "--max-eval-samples", EVAL_SAMPLES, "--run-dir", run_dir]
 
 
 def main(args: argparse.Namespace) -> None:
@@ -83,97 +114,60 @@ def main(args: argparse.Namespace) -> None:
     models = out_dir / "models"
     out_dir.mkdir(parents=True, exist_ok=True)
     stages = Stages(out_dir)
-    general = ["--data-dir", Path(args.data_dir).resolve(), "--model-dir", models, "--device", args.device,
-               "--num-workers", 0, "--seed", 0]
-    pretext_bb = f"pretext_simclr_arch-{ARCH}_bb.pth"
-    bissl_bb = f"BiSSL-backbone_simclr_arch-{ARCH}_dset-fashionmnist.pth"
+    general = general_args(Path(args.data_dir).resolve(), models, args.device)
 
-    stages.run("1. SimCLR pre-training", torchrun(
-        args.nproc, "ssl_pre-training.py", *general, "--pretext-type", "simclr", "--dset", "fashionmnist",
-        "--arch", ARCH, "--img-size", IMG_SIZE, "--epochs", PRETRAIN["epochs"], "--batch-size", PRETRAIN["batch_size"],
-        "--max-train-samples", PRETRAIN["samples"], "--lr", PRETRAIN["lr"], "--warmup-epochs", PRETRAIN["warmup_epochs"],
-    ), models / pretext_bb)
-
-    stages.run("2. BiSSL", torchrun(
-        args.nproc, "bissl.py", *general, "--d-dset", "fashionmnist", "--p-dset", "fashionmnist",
-        "--p-pretext-type", "simclr", "--arch", ARCH, "--img-size", IMG_SIZE,
-        "--p-pretrained-backbone-filename", pretext_bb, "--p-pretrained-proj-filename", f"pretext_simclr_arch-{ARCH}_proj.pth",
-        "--epochs", BISSL["alternations"], "--lower-num-iter", BISSL["lower_steps"], "--upper-num-iter", BISSL["upper_steps"],
-        "--lower-warmup-alternations", 1, "--lam", BISSL["lam"], "--p-lr", BISSL["p_lr"], "--cg-iter-num", BISSL["cg_iters"],
-        "--p-batch-size", BISSL["p_batch_size"], "--d-batch-size", BISSL["d_batch_size"],
-        "--d-linear-warmup-epochs", BISSL["warmup_epochs"], "--d-linear-warmup-lr", BISSL["warmup_lr"], "--d-lr", BISSL["d_lr"], "--d-wd", BISSL["d_wd"],
-        "--max-train-samples", PRETRAIN["samples"], "--d-max-train-samples", LABELS_PER_CLASS * NUM_CLASSES,
-        "--max-eval-samples", EVAL_SAMPLES,
-    ), models / bissl_bb)
-
+    stages.run("1. SimCLR pre-training", torchrun(args.nproc, "ssl_pre-training.py", *general, *pretrain_args()),
+               models / PRETEXT_BACKBONE)
+    stages.run("2. BiSSL", torchrun(args.nproc, "bissl.py", *general, *bissl_args()), models / BISSL_BACKBONE)
     run_dirs = {}
-    for origin, weights in (("pretext", pretext_bb), ("bissl", bissl_bb)):
+    for origin, weights in (("pretext", PRETEXT_BACKBONE), ("bissl", BISSL_BACKBONE)):
         run_dirs[origin] = out_dir / f"finetune_{origin}"
         stages.run(f"3. fine-tuning ({origin} backbone, {args.seeds} seeds)", torchrun(
-            args.nproc, "fine-tuning.py", *general, "--dset", "fashionmnist", "--pretrained-backbone-filename", weights,
-            "--backbone-origin", origin, "--pretrain-arch", ARCH, "--pretrain-img-size", IMG_SIZE,
-            "--use-hpo", 0, "--num-runs", args.seeds, "--epochs", FINETUNE["epochs"], "--batch-size", FINETUNE["batch_size"],
-            "--lr", FINETUNE["lr"], "--wd", FINETUNE["wd"], "--max-train-samples", LABELS_PER_CLASS * NUM_CLASSES,
-            "--max-eval-samples", EVAL_SAMPLES, "--run-dir", run_dirs[origin],
+            args.nproc, "fine-tuning.py", *general, *finetune_args(origin, weights, args.seeds, run_dirs[origin]),
         ), run_dirs[origin] / "summary.txt")
-
-    report(out_dir, run_dirs, stages.timings, models / f"BiSSL_simclr_arch-{ARCH}_dset-fashionmnist_config.json",
-           time.perf_counter() - start)
+    report(out_dir, run_dirs, stages.timings, models / BISSL_CONFIG, time.perf_counter() - start)
 
 
 def report(out_dir: Path, run_dirs: dict[str, Path], timings: dict[str, float], bissl_config: Path, elapsed: float) -> None:
-    rows = {origin: [json.loads(line) for line in (path / "results.jsonl").read_text().splitlines() if line.strip()]
-            for origin, path in run_dirs.items()}
-    lines = [
-        f"FashionMNIST, {LABELS_PER_CLASS} labels per class, {ARCH} at {IMG_SIZE} px, "
-        f"{len(rows['pretext'])} seeds per backbone (top-1 %, mean ± std)",
-        f"{'backbone':<22}{'val (final)':>16}{'test (final)':>16}{'test (best val)':>18}",
-    ]
-    for origin, label in (("pretext", "SimCLR (baseline)"), ("bissl", "SimCLR + BiSSL")):
-        ok = [r for r in rows[origin] if r.get("status", "ok") == "ok"]
-        lines.append(f"{label:<22}{mean_std([r['final_val'] for r in ok]):>16}"
-                     f"{mean_std([r['test_final'] for r in ok]):>16}{mean_std([r['test_best'] for r in ok]):>18}")
-    lines.append("stage times: " + ", ".join(f"{name} {seconds / 60:.1f} min" for name, seconds in timings.items()))
-    lines.append(f"total stage time {sum(timings.values()) / 60:.1f} min; this invocation {elapsed / 60:.1f} min")
+    from source.compare import csv_report, load_run, markdown_report, plot_comparison
+
+    runs = [load_run(run_dirs["pretext"], "SimCLR"), load_run(run_dirs["bissl"], "SimCLR + BiSSL")]
+    lines = [f"FashionMNIST, {LABELS_PER_CLASS} labels per class, {ARCH} at {IMG_SIZE} px: fine-tuning of the pre-trained "
+             "(baseline) and the BiSSL backbone on the same seeds.", "", markdown_report(runs), "",
+             "stage times: " + ", ".join(f"{name} {seconds / 60:.1f} min" for name, seconds in timings.items()),
+             f"total stage time {sum(timings.values()) / 60:.1f} min; this invocation {elapsed / 60:.1f} min"]
     table = "\n".join(lines)
     print("\n" + table)
-    (out_dir / "demo_results.txt").write_text(table + "\n")
-    figure = plot(rows, bissl_config, out_dir / "demo_results.png")
-    print(f"[demo] table: {out_dir / 'demo_results.txt'}; figure: {figure}")
+    (out_dir / "demo_results.md").write_text(table + "\n")
+    (out_dir / "demo_results.csv").write_text(csv_report(runs))
+    figure = plot_comparison(runs, out_dir / "demo_results.png")
+    curve = plot_bissl_stage(bissl_config, out_dir / "bissl_stage.png")
+    print(f"[demo] table: {out_dir / 'demo_results.md'} (csv: demo_results.csv); figures: {figure}"
+          + (f", {curve}" if curve else ""))
 
 
-def plot(rows: dict[str, list[dict]], bissl_config: Path, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_bissl_stage(bissl_config: Path, path: Path) -> Path | None:
+    """BiSSL's upper-model val accuracy and the backbone distance per alternation (from the config's history)."""
     history = json.loads(bissl_config.read_text()).get("history", []) if bissl_config.exists() else []
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for position, (origin, label) in enumerate((("pretext", "SimCLR"), ("bissl", "SimCLR + BiSSL"))):
-        scores = [r["test_final"] for r in rows[origin] if r.get("status", "ok") == "ok"]
-        left.scatter([position] * len(scores), scores, label=label, zorder=3)
-        if scores:
-            left.hlines(statistics.mean(scores), position - 0.2, position + 0.2, colors="k")
-    left.set_xticks([0, 1], ["SimCLR", "SimCLR + BiSSL"])
-    left.set_xlim(-0.6, 1.6)
-    left.set_ylabel("test top-1 (%) after fine-tuning")
-    left.set_title("per-seed test accuracy (line: mean)")
-    if history:
-        right.plot([h["alternation"] for h in history], [h["val/top1"] for h in history], marker="o", label="val top-1 (upper model)")
-        right.set_xlabel("BiSSL alternation")
-        right.set_ylabel("val top-1 (%)")
-        twin = right.twinx()
-        twin.plot([h["alternation"] for h in history], [h["distance"] for h in history], color="tab:red", ls="--",
-                  label="‖θ_lower − θ_upper‖")
-        twin.set_ylabel("backbone distance", color="tab:red")
-        right.set_title("BiSSL stage")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    figs = ROOT / "figs"
-    figs.mkdir(exist_ok=True)
-    fig.savefig(figs / "demo_results.png", dpi=120)
-    plt.close(fig)
+    history = [h for h in history if "val/top1" in h]
+    if not history:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 4))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    steps = [h["alternation"] for h in history]
+    axes.plot(steps, [h["val/top1"] for h in history], marker="o", label="val top-1 (upper model)")
+    axes.set_xlabel("BiSSL alternation")
+    axes.set_ylabel("val top-1 (%)")
+    twin = axes.twinx()
+    twin.plot(steps, [h["distance"] for h in history], color="tab:red", ls="--")
+    twin.set_ylabel("‖θ_lower − θ_upper‖ (dashed)", color="tab:red")
+    axes.set_title("BiSSL stage")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
     return path
 
 

@@ -52,6 +52,9 @@ class BilevelSettings:
     ma_decay: float
     ma_use_scheduler: bool
     cg_verbose: bool = False
+    # False: the ablation control (bench/bissl_ablation.py): the lower level alone, with θ_D
+    # frozen at its start, so BiSSL can be compared with as many extra pretext steps.
+    upper_level: bool = True
 
 
 @torch.no_grad()
@@ -240,8 +243,9 @@ class BisslTrainer:
         for _ in range(self.settings.lower_steps_per_alternation):
             (view1, view2), _ = next(lower_stream)
             add(self.lower_step(view1, view2), self.settings.lower_steps_per_alternation)
+        # Drawn with or without an upper level, so the control sees the same lower batches as BiSSL.
         hessian_views, _ = next(lower_stream)
-        for _ in range(self.settings.upper_steps_per_alternation):
+        for _ in range(self.settings.upper_steps_per_alternation if self.settings.upper_level else 0):
             images, targets = next(upper_stream)
             add(self.upper_step(images, targets, hessian_views), self.settings.upper_steps_per_alternation)
         # Per-rank BN statistics diverge with per-rank data; average them so every rank (and
