@@ -105,8 +105,17 @@ def load_weights(module: nn.Module, path: Path, what: str) -> None:
         state = load_file(path)
     except Exception as error:  # corrupt file or one that needs code execution to load
         raise WeightsError(f"cannot load {what} weights from {path}: {error}") from error
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path} does not hold a state_dict (found {type(state).__name__})")
+    # Foreign layouts (wrappers, module./backbone. prefixes, fc.*) are mapped onto the module the
+    # same way as `python -m source.weights convert`, so converted and unconverted files load alike.
+    from source.weights import normalize_state_dict  # local: source.weights imports this module
+
+    try:
+        normalized = normalize_state_dict(state, module.state_dict())
+    except WeightsError as error:
+        raise WeightsError(f"{what} weights in {path}: {error}") from None
+    for note in normalized.notes:
+        logger.info("%s weights in %s: %s", what, path, note)
+    state = normalized.state
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
