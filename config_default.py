@@ -10,13 +10,18 @@ The values are the paper's (BiSSL, arXiv 2410.02387): ResNet-50 pre-trained on I
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 
-def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
-    """A dataclass field carrying its command-line help text (and optional choices)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def opt(default: Any, help: str, choices: tuple | None = None, *, at_least: float | None = None,
+        above: float | None = None, at_most: float | None = None, below: float | None = None) -> Any:
+    """A dataclass field carrying its command-line help text, optional choices and, for numbers, the
+    bounds a value must respect (checked at parse time; a number without bounds must be >= 0)."""
+    bounds = {name: value for name, value in
+              {"at_least": at_least, "above": above, "at_most": at_most, "below": below}.items() if value is not None}
+    return field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds})
 
 
 @dataclass
@@ -28,7 +33,7 @@ class GeneralConfig:
     download_dataset: int = opt(0, "1: let torchvision download a missing dataset (where it can); 0: never download.", (0, 1))
     device: str = opt("auto", "auto = CUDA when available, else CPU.", ("auto", "cuda", "cpu"))
     num_workers: int = opt(8, "DataLoader worker processes per rank (0 = load in the main process).")
-    world_size: int = opt(-1, "Informational: torchrun/Slurm set the real world size via the environment.")
+    world_size: int = opt(-1, "Informational: torchrun/Slurm set the real world size via the environment.", at_least=-1)
     dist_url: str = opt("env://", "Rendezvous for torch.distributed (env:// under torchrun; tcp://host:port under Slurm).")
     omp_num_threads: int = opt(0, "Threads per process for CPU ops (0 = leave PyTorch's/torchrun's choice).")
     seed: int = opt(0, "Base seed; each rank uses seed + rank for random, numpy and torch.")
@@ -38,12 +43,31 @@ class GeneralConfig:
     amp: str = opt("auto", "Mixed precision: auto = bf16 on CUDA, none on CPU.", ("auto", "none", "bf16", "fp16"))
     wandb_project: str = opt("", "Weights & Biases project to log to (empty = no wandb).")
     wandb_mode: str = opt("online", "wandb mode; 'offline' works without network.", ("online", "offline", "disabled"))
-    log_every: int = opt(10, "Write a metrics line every this many optimizer steps.")
+    log_every: int = opt(10, "Write a metrics line every this many optimizer steps.", at_least=1)
 
+
+# Switches shared by several stages (default: this project's behaviour; 1/ce: the original code's).
+CROP_AS_ORIGINAL_HELP = (
+    "1: the original code's crop, RandomResizedCrop(ratio=(crop min, 1)): the minimum given as the ASPECT-RATIO range, "
+    "area scale left at (0.08, 1), bicubic (the published weights and numbers were made with it); 0: area scale (min, 1)."
+)
+MULTILABEL_LOSS_HELP = (
+    "Loss of multi-label datasets (voc2007): bce = binary cross-entropy with logits per class; "
+    "ce = softmax cross-entropy on the multi-hot targets, as the original code."
+)
+UPPER_STEPS_WHOLE_PASSES_HELP = (
+    "1: as the ICML code: when the downstream train split has at most --upper-num-iter batches, each alternation runs "
+    "floor(N_U / batches) whole passes over it instead of N_U steps; 0: always N_U steps (as the NeurIPS code; "
+    "the two agree on the paper's datasets)."
+)
 
 # Shared by pre-training and the BiSSL lower level.
 LARS_ETA = 0.001  # LARS trust coefficient (You et al., 2017), as the paper.
 FINAL_LR_FACTOR = 0.001  # cosine schedules end at 0.001x the peak LR (paper).
+# A saved model tensor whose root-mean-square exceeds this has diverged even if the loss looks finite (BatchNorm
+# makes a network blind to the scale of the weights before it); runs stop before saving it. Healthy ResNet
+# weights and BN statistics are O(1)-O(100).
+MAX_TENSOR_RMS = 1e6
 
 
 @dataclass
@@ -51,22 +75,25 @@ class PretrainConfig:
     """Conventional self-supervised pre-training (``ssl_pre-training.py``)."""
 
     pretext_type: str = opt("simclr", "Self-supervised method.", ("simclr", "byol"))
-    img_size: int = opt(96, "Training image side in pixels (paper: 96 for ImageNet).")
-    img_crop_min_ratio: float = opt(0.5, "Minimum area SCALE of the random resized crop (the original passed it as aspect ratio by mistake).")
+    img_size: int = opt(96, "Training image side in pixels (paper: 96 for ImageNet).", at_least=1)
+    img_crop_min_ratio: float = opt(0.5, "Minimum area SCALE of the random resized crop (the original passed it as aspect ratio by mistake).",
+                                    above=0, at_most=1)
+    crop_as_original: int = opt(0, CROP_AS_ORIGINAL_HELP, (0, 1))
     arch: str = opt("resnet50", "Backbone architecture.", ("resnet18", "resnet50"))
+    zero_init_residual: int = opt(1, "1: zero the last BN gamma of every residual block at initialisation, as the original's timm ResNets.", (0, 1))
     cifar_stem: int = opt(0, "1: 3x3 stride-1 first conv and no max-pool, for images <= 64 px. Changes conv1's shape.", (0, 1))
     mlp: str = opt("256-256-256", "Projector (and BYOL predictor) widths: Linear+BN+ReLU hidden layers, last Linear without bias.")
-    epochs: int = opt(500, "Training epochs.")
+    epochs: int = opt(500, "Training epochs.", at_least=1)
     dset: str = opt("imagenet", "Pre-training dataset.", ("imagenet", "stl10", "fashionmnist", "imagefolder"))
-    batch_size: int = opt(1024, "GLOBAL batch size (split evenly over the ranks).")
-    lr: float = opt(4.8, "Peak learning rate (no batch-size scaling).")
+    batch_size: int = opt(1024, "GLOBAL batch size (split evenly over the ranks).", at_least=1)
+    lr: float = opt(4.8, "Peak learning rate (no batch-size scaling).", above=0)
     wd: float = opt(1e-6, "Weight decay.")
-    momentum: float = opt(0.9, "Optimizer momentum.")
+    momentum: float = opt(0.9, "Optimizer momentum.", at_least=0, below=1)
     optimizer: str = opt("lars", "Optimizer.", ("lars", "sgd"))
     lars_exclude_bias_bn: int = opt(0, "1: exclude biases and BN parameters from LARS weight decay and adaptation (0 = original: include).", (0, 1))
     warmup_epochs: int = opt(10, "Linear LR warmup epochs before the cosine decay.")
-    temperature: float = opt(0.5, "SimCLR NT-Xent temperature.")
-    ma_decay: float = opt(0.9995, "BYOL target EMA decay (the base value when the schedule is on).")
+    temperature: float = opt(0.5, "SimCLR NT-Xent temperature.", above=0)
+    ma_decay: float = opt(0.9995, "BYOL target EMA decay (the base value when the schedule is on).", at_least=0, at_most=1)
     ma_use_scheduler: int = opt(0, "1: BYOL cosine EMA schedule from --ma-decay to 1 over training.", (0, 1))
     save_model: int = opt(1, "1: write the backbone/projector(/predictor) weights at the end.", (0, 1))
 
@@ -77,44 +104,55 @@ class BisslConfig:
 
     arch: str = opt("resnet50", "Backbone architecture (must match the pretext weights).", ("resnet18", "resnet50"))
     cifar_stem: int = opt(0, "1: CIFAR-style stem (must match how the pretext backbone was trained).", (0, 1))
-    img_size: int = opt(96, "Image side in pixels for both levels.")
-    img_crop_min_ratio: float = opt(0.5, "Minimum area scale of random resized crops (both levels).")
-    epochs: int = opt(500, "Number of alternations T (each: --lower-num-iter lower steps, then --upper-num-iter upper steps).")
+    img_size: int = opt(96, "Image side in pixels for both levels.", at_least=1)
+    img_crop_min_ratio: float = opt(0.5, "Minimum area scale of random resized crops (both levels).", above=0, at_most=1)
+    crop_as_original: int = opt(0, CROP_AS_ORIGINAL_HELP, (0, 1))
+    epochs: int = opt(500, "Number of alternations T (each: --lower-num-iter lower steps, then --upper-num-iter upper steps).", at_least=1)
     d_dset: str = opt("pets", "Downstream dataset (upper level).")
-    d_batch_size: int = opt(256, "GLOBAL downstream batch size.")
-    d_lr: Optional[float] = opt(None, "Upper-level SGD lr (default: the paper's per-dataset value, see UPPER_LR_WD).")
+    d_batch_size: int = opt(256, "GLOBAL downstream batch size.", at_least=1)
+    d_lr: Optional[float] = opt(None, "Upper-level SGD lr (default: the paper's per-dataset value, see UPPER_LR_WD).", above=0)
     d_wd: Optional[float] = opt(None, "Upper-level weight decay (default: the paper's per-dataset value).")
-    d_momentum: float = opt(0.9, "Upper-level SGD momentum.")
+    d_momentum: float = opt(0.9, "Upper-level SGD momentum.", at_least=0, below=1)
     d_optimizer: str = opt("sgd", "Upper-level optimizer.", ("sgd",))
     d_linear_warmup_epochs: int = opt(20, "Epochs of training the downstream head alone (backbone frozen) before the alternations.")
+    multilabel_loss: str = opt("bce", MULTILABEL_LOSS_HELP, ("bce", "ce"))
     max_eval_samples: int = opt(0, "Cap the downstream val set at this many samples (seeded, stratified; 0 = all). For smoke runs.")
     d_max_train_samples: int = opt(0, "Cap the downstream training set (stratified, seeded; 0 = --max-train-samples), e.g. K labels per class.")
     d_linear_warmup_lr: float = opt(0.0, "LR of the head warmup (0 = use the upper lr).")
-    val_fraction: float = opt(0.2, "Share of each downstream class held out for validation when no split file/official val split exists.")
+    val_fraction: float = opt(0.2, "Share of each downstream class held out for validation when no split file/official val split exists.", above=0, below=1)
     p_dset: str = opt("imagenet", "Pretext dataset (lower level).")
-    p_batch_size: int = opt(1024, "GLOBAL pretext batch size.")
+    p_batch_size: int = opt(1024, "GLOBAL pretext batch size.", at_least=1)
     p_pretext_type: str = opt("simclr", "Pretext method of the loaded weights.", ("simclr", "byol"))
     p_mlp: str = opt("256-256-256", "Projector/predictor widths of the loaded pretext head.")
-    p_temperature: float = opt(0.5, "SimCLR temperature.")
-    p_ma_decay: float = opt(0.9995, "BYOL target EMA decay.")
+    p_temperature: float = opt(0.5, "SimCLR temperature.", above=0)
+    p_ma_decay: float = opt(0.9995, "BYOL target EMA decay.", at_least=0, at_most=1)
     p_ma_use_scheduler: int = opt(0, "1: cosine EMA schedule over the lower steps.", (0, 1))
-    p_lr: float = opt(1.0, "Peak lower-level LARS lr.")
+    p_lr: float = opt(1.0, "Peak lower-level LARS lr.", above=0)
     p_wd: float = opt(1e-6, "Lower-level weight decay (as pre-training).")
-    p_momentum: float = opt(0.9, "Lower-level momentum (as pre-training).")
+    p_momentum: float = opt(0.9, "Lower-level momentum (as pre-training).", at_least=0, below=1)
     p_optimizer: str = opt("lars", "Lower-level optimizer.", ("lars", "sgd"))
     p_lars_exclude_bias_bn: int = opt(0, "1: exclude biases/BN params from LARS decay and adaptation.", (0, 1))
     p_pretrained_backbone_filename: str = opt("pretext_simclr_arch-resnet50_bb.pth", "Pretext backbone weights in --model-dir.")
     p_pretrained_proj_filename: str = opt("pretext_simclr_arch-resnet50_proj.pth", "Pretext projector weights in --model-dir.")
     p_pretrained_pred_filename: str = opt("", "BYOL predictor weights in --model-dir (default: pretext_byol_arch-<arch>_pred.pth).")
-    lower_num_iter: int = opt(20, "Lower-level steps N_L per alternation.")
-    upper_num_iter: int = opt(8, "Upper-level steps N_U per alternation.")
+    lower_num_iter: int = opt(20, "Lower-level steps N_L per alternation.", at_least=1)
+    upper_num_iter: int = opt(8, "Upper-level steps N_U per alternation.", at_least=1)
+    upper_steps_whole_passes: int = opt(0, UPPER_STEPS_WHOLE_PASSES_HELP, (0, 1))
     lam: float = opt(0.001, "Proximity weight lambda of (lam/2)||theta_lower - theta_upper||^2.")
-    cg_lam_dampening: float = opt(10.0, "CG dampening delta: solve (I + H/(lam + delta)) x = v.")
+    cg_lam_dampening: float = opt(10.0, "CG dampening delta: solve (I + H/(lam + delta)) x = v.", at_least=-math.inf)
     cg_iter_num: int = opt(5, "Conjugate-gradient iterations per upper step.")
-    cg_solver: str = opt("layerwise", "layerwise = one alpha/beta per tensor (original); global = textbook CG.", ("layerwise", "global"))
-    cg_verbose: int = opt(0, "1: log the CG residual norms of every upper step.", (0, 1))
-    upper_plain_grad_scale: float = opt(1.0, "gamma in x + gamma * grad L_D(theta_upper) (first paper version: 0.01).")
-    grad_clip: float = opt(10.0, "Global gradient-norm clip of both levels (paper: 10).")
+    cg_solver: str = opt("layerwise", "Solver of (I + H/(lam + delta)) x = v, one HVP per iteration: layerwise = CG with one "
+                         "alpha/beta per tensor (the original); global = textbook CG; minres = MINRES (monotone "
+                         "residual, also for indefinite systems). See the README's solver section.",
+                         ("layerwise", "global", "minres"))
+    cg_verbose: int = opt(0, "1: log the solver's residual norms of every upper step.", (0, 1))
+    curvature_every: int = opt(0, "Every N alternations, probe the pretext Hessian H with Lanczos (source/curvature.py) and log "
+                               "its extreme Ritz values and the smallest lam + delta making I + H/(lam + delta) positive "
+                               "definite (0 = never; costs --curvature-iters HVPs).")
+    curvature_iters: int = opt(30, "Lanczos iterations (HVPs) of each curvature probe.")
+    upper_plain_grad_scale: float = opt(1.0, "gamma: theta_upper's gradient is x + gamma * grad L_D(theta_upper, phi), the head's "
+                                        "grad L_D(theta_lower, phi) + gamma * grad L_D(theta_upper, phi) (first paper version: 0.01).")
+    grad_clip: float = opt(10.0, "Global gradient-norm clip of both levels (paper: 10).", above=0)
     lower_warmup_alternations: int = opt(10, "Lower LR warmup lasts this many alternations (10 * N_L steps, paper).")
     upper_level: int = opt(1, "0: ablation control: the same lower steps and batches; no head warmup, upper steps or val (theta_D stays pre-trained).", (0, 1))
     save_model: int = opt(1, "1: write the BiSSL backbones and head at the end.", (0, 1))
@@ -146,21 +184,23 @@ class FinetuneConfig:
     backbone_origin: str = opt("pretext", "Where the backbone comes from; labels outputs.", ("pretext", "bissl"))
     pretrain_arch: str = opt("resnet50", "Architecture of the backbone file.", ("resnet18", "resnet50"))
     pretrain_cifar_stem: int = opt(0, "1: the backbone uses the CIFAR-style stem.", (0, 1))
-    pretrain_img_size: int = opt(96, "Image side used for fine-tuning (that of pre-training).")
-    pretrain_img_crop_min_ratio: float = opt(0.5, "Minimum area scale of the training random resized crop.")
+    pretrain_img_size: int = opt(96, "Image side used for fine-tuning (that of pre-training).", at_least=1)
+    pretrain_img_crop_min_ratio: float = opt(0.5, "Minimum area scale of the training random resized crop.", above=0, at_most=1)
+    crop_as_original: int = opt(0, CROP_AS_ORIGINAL_HELP, (0, 1))
     pretrained_backbone_filename: str = opt("pretext_simclr_arch-resnet50_bb.pth", "Backbone weights in --model-dir.")
     use_hpo: int = opt(1, "1: random grid search over (lr, wd); 0: --num-runs seeds at fixed --lr/--wd.", (0, 1))
-    hpo_lr_min: float = opt(1e-4, "Lower end of the log-uniform lr range (also its quantisation step).")
-    hpo_lr_max: float = opt(1.0, "Upper end of the lr range.")
-    hpo_wd_min: float = opt(1e-5, "Lower end of the log-uniform wd range (also its quantisation step).")
-    hpo_wd_max: float = opt(1e-2, "Upper end of the wd range.")
-    num_runs: int = opt(100, "Number of trials (HPO combinations, or seeds with --use-hpo 0).")
-    batch_size: int = opt(256, "Batch size of each trial (one trial per process).")
-    epochs: int = opt(400, "Fine-tuning epochs per trial.")
-    lr: float = opt(0.05, "Fixed lr for --use-hpo 0 (set it to the best pair of the HPO).")
-    wd: float = opt(5e-4, "Fixed weight decay for --use-hpo 0.")
-    optimizer_momentum: float = opt(0.9, "SGD momentum.")
+    hpo_lr_min: float = opt(1e-4, "Lower end of the log-uniform lr range (also its quantisation step).", above=0)
+    hpo_lr_max: float = opt(1.0, "Upper end of the lr range.", above=0)
+    hpo_wd_min: float = opt(1e-5, "Lower end of the log-uniform wd range (also its quantisation step).", above=0)
+    hpo_wd_max: float = opt(1e-2, "Upper end of the wd range.", above=0)
+    num_runs: int = opt(100, "Number of trials (HPO combinations, or seeds with --use-hpo 0).", at_least=1)
+    batch_size: int = opt(256, "Batch size of each trial (one trial per process).", at_least=1)
+    epochs: int = opt(400, "Fine-tuning epochs per trial.", at_least=1)
+    lr: float = opt(0.05, "Fixed lr for --use-hpo 0 (set it to the best pair of the HPO).", above=0)
+    wd: float = opt(0.001, "Fixed weight decay for --use-hpo 0 (the original's default).")
+    multilabel_loss: str = opt("bce", MULTILABEL_LOSS_HELP, ("bce", "ce"))
+    optimizer_momentum: float = opt(0.9, "SGD momentum.", at_least=0, below=1)
     dset: str = opt("pets", "Downstream dataset.")
-    val_fraction: float = opt(0.2, "Share of each class held out for validation when no split file/official val split exists.")
+    val_fraction: float = opt(0.2, "Share of each class held out for validation when no split file/official val split exists.", above=0, below=1)
     max_eval_samples: int = opt(0, "Cap the val and test sets at this many samples (seeded, stratified; 0 = all). For smoke runs.")
     save_model: int = opt(0, "1: write each trial's fine-tuned backbone and head.", (0, 1))

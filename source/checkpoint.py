@@ -4,12 +4,18 @@ Everything is loaded with ``torch.load(..., weights_only=True)``: loading never 
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
+import pickle
 import random
+import re
+import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -24,23 +30,92 @@ class WeightsError(RuntimeError):
     """A weights file is missing or does not fit the model; the message names the mismatch."""
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a crash never
-    leaves a truncated file at ``path``."""
+class CheckpointError(RuntimeError):
+    """A run directory's checkpoint cannot be resumed from; the message says which file, what is
+    wrong with it and how to start over."""
+
+
+class DivergedStateError(RuntimeError):
+    """A model holds non-finite or exploding values; it is not saved (raised on every rank)."""
+
+
+# Temporary files of the atomic writers: ".<final name>.tmp<pid>" beside the final file.
+_TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.tmp(?P<pid>\d+)$")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Call ``write`` on a temporary file beside ``path``, fsync it and ``os.replace`` it into place.
+
+    On any failure (including KeyboardInterrupt) the temporary file is removed, so the folder
+    holds either the old complete file or the new one, never a partial file; a full disk is
+    reported in plain words rather than as a stream error.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno in _DISK_FULL:
+            free = shutil.disk_usage(path.parent).free
+            raise OSError(error.errno, f"no space left on {path.parent} ({free / 2**20:.1f} MiB free) while writing "
+                                       f"{path.name}; the previous {path.name} (if any) is intact and the partial file "
+                                       "was removed: free some space and rerun") from error
+        raise
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a crash never
+    leaves a truncated file at ``path``, and a failed save leaves no temporary file behind."""
+    # torch.save to a Python file object: write errors surface as OSError with their errno.
+    _write_atomic(path, lambda handle: torch.save(obj, handle))
 
 
 def write_text_atomic(text: str, path: Path) -> None:
     """Write ``text`` to a temporary file beside ``path``, then ``os.replace`` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    data = text.encode("utf-8")
+    _write_atomic(path, lambda handle: handle.write(data))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_temporaries(folder: Path, prefixes: Iterable[str] = ("",), only_dead: bool = False) -> list[Path]:
+    """Remove the temporary files that killed saves left in ``folder`` (names starting with one of
+    ``prefixes``); with ``only_dead`` only those whose writer process no longer runs on this host.
+
+    Call it with ``only_dead=False`` only on a folder this process has locked (the run directory).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    prefixes = tuple(prefixes)
+    removed = []
+    for entry in folder.iterdir():
+        match = _TEMPORARY_NAME.match(entry.name)
+        if match is None or not match["name"].startswith(prefixes) or not entry.is_file():
+            continue
+        if only_dead and (int(match["pid"]) == os.getpid() or _pid_alive(int(match["pid"]))):
+            continue
+        entry.unlink(missing_ok=True)
+        removed.append(entry)
+    if removed:
+        logger.info("removed %d temporary file(s) left by interrupted saves in %s: %s", len(removed), folder,
+                    ", ".join(entry.name for entry in removed))
+    return removed
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:
@@ -50,6 +125,78 @@ def write_json_atomic(obj: Any, path: Path) -> None:
 def load_file(path: Path) -> Any:
     """``torch.load`` on CPU with ``weights_only=True``."""
     return torch.load(Path(path), map_location="cpu", weights_only=True)
+
+
+def _load_problem(path: Path) -> tuple[Any, str | None]:
+    """(content, None) for a readable weights_only file, else (None, what is wrong with it)."""
+    size = path.stat().st_size
+    if size == 0:
+        return None, "the file is empty (0 bytes; cut short by a crash or a full disk?)"
+    try:
+        return load_file(path), None
+    except pickle.UnpicklingError:
+        return None, ("it holds Python objects that only load by executing code, which is refused "
+                      "(weights_only=True): it was not written by this project")
+    except Exception as error:  # zip/stream errors of a truncated or overwritten file
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        return None, f"it is not a readable PyTorch file ({size} bytes; corrupt or truncated: {reason})"
+
+
+def load_checkpoint(path: Path, required_keys: Iterable[str]) -> dict[str, Any]:
+    """Load a run directory's checkpoint, refusing corrupt, foreign and incomplete files with a
+    :class:`CheckpointError` that names the file, the problem and how to start over."""
+    path = Path(path)
+    how = ("Pass --resume 0 to start over (the old run is moved aside, nothing is deleted) or --run-dir to use "
+           "another folder.")
+    state, problem = _load_problem(path)
+    if problem is None:
+        if not isinstance(state, dict):
+            problem = f"it holds a {type(state).__name__}, not a checkpoint dict"
+        elif missing := [key for key in required_keys if key not in state]:
+            problem = f"it is not a checkpoint of this script (no {', '.join(repr(key) for key in missing)})"
+    if problem is not None:
+        raise CheckpointError(f"cannot resume from {path}: {problem}. {how}")
+    return state
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes: the identity of an input weights file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def unhealthy_tensors(modules: dict[str, nn.Module], max_rms: float) -> list[str]:
+    """Names of floating-point parameters and buffers that are non-finite or whose root-mean-square
+    exceeds ``max_rms`` (weights can explode while a BatchNorm-normalised loss stays finite)."""
+    problems = []
+    for name, module in modules.items():
+        for key, tensor in module.state_dict().items():
+            if not tensor.is_floating_point() or tensor.numel() == 0:
+                continue
+            if not bool(torch.isfinite(tensor).all()):
+                problems.append(f"{name}.{key} is not finite")
+                continue
+            rms = float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) / tensor.numel() ** 0.5
+            if rms > max_rms:
+                problems.append(f"{name}.{key} has root-mean-square {rms:.3g} > {max_rms:g}")
+    return problems
+
+
+def check_healthy(modules: dict[str, nn.Module], where: str, max_rms: float) -> None:
+    """Raise :class:`DivergedStateError` on EVERY rank (a collective) if any rank's ``modules``
+    hold non-finite or exploding values; called before saving so a checkpoint is always finite."""
+    everyone = gather_objects(unhealthy_tensors(modules, max_rms))
+    problems = [f"rank {rank}: {problem}" for rank, found in enumerate(everyone) for problem in found]
+    if problems:
+        shown = "; ".join(problems[:6]) + (f" ... ({len(problems)} in all)" if len(problems) > 6 else "")
+        raise DivergedStateError(
+            f"the model diverged {where} ({shown}); it is NOT saved, so the last checkpoint stays the last finite "
+            "state. Start over with a lower learning rate (--resume 0 or another --run-dir)."
+        )
 
 
 def rng_state() -> dict[str, Any]:
@@ -92,19 +239,19 @@ def restore_rank_rng_state(states: list[dict[str, Any]], rank: int, world_size: 
                        len(states), world_size)
 
 
-def load_weights(module: nn.Module, path: Path, what: str) -> None:
+def load_weights(module: nn.Module, path: Path, what: str, flags: str = "the architecture flags") -> None:
     """Load a plain ``state_dict`` file into ``module`` strictly, with errors that name the problem.
 
     Accepts the paper's published weights (torchvision/timm ResNet keys without ``fc.*``).
-    Missing, unexpected and wrongly shaped keys are all listed in one error.
+    Missing, unexpected and wrongly shaped keys are all listed in one error, which points to the
+    calling script's ``flags`` that decide the model's shape (e.g. ``"--pretrain-arch / --pretrain-cifar-stem"``).
     """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{what} weights not found: {path} (check --model-dir and the filename flag)")
-    try:
-        state = load_file(path)
-    except Exception as error:  # corrupt file or one that needs code execution to load
-        raise WeightsError(f"cannot load {what} weights from {path}: {error}") from error
+    state, problem = _load_problem(path)
+    if problem is not None:
+        raise WeightsError(f"cannot load {what} weights from {path}: {problem}")
     # Foreign layouts (wrappers, module./backbone. prefixes, fc.*) are mapped onto the module the
     # same way as `python -m source.weights convert`, so converted and unconverted files load alike.
     from source.weights import normalize_state_dict  # local: source.weights imports this module
@@ -129,7 +276,7 @@ def load_weights(module: nn.Module, path: Path, what: str) -> None:
             return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "") or "none"
         raise WeightsError(
             f"{what} weights in {path} do not match the model "
-            f"(check --arch / --cifar-stem / --mlp):\n  missing keys: {show(missing)}\n"
+            f"(check {flags}):\n  missing keys: {show(missing)}\n"
             f"  unexpected keys: {show(unexpected)}\n  shape mismatches: {show(wrong_shape)}"
         )
     module.load_state_dict(state, strict=True)

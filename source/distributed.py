@@ -228,13 +228,46 @@ def all_reduce_buffers_(module: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
-def parameter_fingerprints(module: torch.nn.Module) -> list[float]:
-    """Every rank's float64 fingerprint of ``module``'s parameters (sum of w * position weights).
-
-    Used to verify, at the end of a run, that all ranks hold identical weights.
-    """
+def fingerprint(module: torch.nn.Module, include_buffers: bool = False) -> float:
+    """A float64 fingerprint of ``module``'s parameters (and buffers): sum_i (i+1) * sum_j w_ij * s_j
+    with position weights s in [1, 2], so equal tensors give equal values and a changed, swapped or
+    permuted entry almost surely does not. Local: no communication."""
+    tensors = list(module.parameters()) + (list(module.buffers()) if include_buffers else [])
     total = torch.zeros((), dtype=torch.float64)
-    for index, param in enumerate(module.parameters()):
-        values = param.detach().double().flatten().cpu()
+    for index, tensor in enumerate(tensors):
+        values = tensor.detach().double().flatten().cpu()
         total += (values * torch.linspace(1, 2, values.numel(), dtype=torch.float64)).sum() * (index + 1)
-    return [float(value) for value in gather_objects(float(total))]
+    return float(total)
+
+
+def parameter_fingerprints(module: torch.nn.Module) -> list[float]:
+    """Every rank's :func:`fingerprint` of ``module``'s parameters, in rank order (a collective)."""
+    return [float(value) for value in gather_objects(fingerprint(module))]
+
+
+def check_ranks_identical(modules: dict[str, torch.nn.Module], where: str, include_buffers: bool = True) -> dict[str, list[float]]:
+    """Verify that every rank holds the same ``modules`` (a collective; cheap: one float each).
+
+    Returns the fingerprints by module name and rank; raises ``RuntimeError`` on every rank, naming
+    the modules that differ, if they do not agree. Alone it checks nothing and returns one value each.
+    """
+    local = {name: fingerprint(module, include_buffers) for name, module in modules.items()}
+    everyone = gather_objects(local)
+    by_name = {name: [ranks[name] for ranks in everyone] for name in modules}
+    differing = {name: values for name, values in by_name.items() if len(set(values)) > 1}
+    if differing:
+        raise RuntimeError(
+            f"ranks hold different models {where}: "
+            + "; ".join(f"{name} (fingerprints by rank {values})" for name, values in differing.items())
+            + ". Every rank must start from and apply identical updates; please report this."
+        )
+    return by_name
+
+
+@torch.no_grad()
+def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy ``src``'s parameters and buffers into every rank's ``module`` in place (no-op alone)."""
+    if get_world_size() == 1:
+        return
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(tensor.data, src=src)
