@@ -37,12 +37,21 @@ from source.data import (
     subsample,
 )
 from source.data.stream import BatchStream
-from source.distributed import barrier, cleanup_distributed
+from source.distributed import barrier, broadcast_module_, check_ranks_identical, cleanup_distributed
 from source.evaluation import ShardedEvalSampler, evaluate
+from source.losses import downstream_criterion
 from source.models import build_backbone
 from source.optim import build_optimizer, warmup_cosine_scheduler
 from source.pretext import BYOL, build_pretext_model
-from source.runtime import amp_dtype, per_rank_batch_size, run_directory, start
+from source.runtime import (
+    amp_dtype,
+    changed_settings,
+    check_settings_unchanged,
+    open_run_dir,
+    per_rank_batch_size,
+    run_directory,
+    start,
+)
 from source.tracking import MetricsWriter
 
 logger = logging.getLogger("bissl")
@@ -70,6 +79,25 @@ def resolve_upper_lr_wd(args: argparse.Namespace) -> None:
     args.d_wd = wd if args.d_wd is None else args.d_wd
 
 
+def upper_steps_per_alternation(upper_num_iter: int, batches_per_pass: int, whole_passes: bool) -> int:
+    """Upper steps per alternation: ``--upper-num-iter`` N_U, or with ``whole_passes`` the ICML code's
+    rule: a downstream train split of L <= N_U batches is run as floor(N_U / L) whole passes
+    (floor(N_U / L) * L steps; e.g. L = 3, N_U = 8 -> 6). With L > N_U both give N_U."""
+    if whole_passes and batches_per_pass <= upper_num_iter:
+        return upper_num_iter // batches_per_pass * batches_per_pass
+    return upper_num_iter
+
+
+def pretext_weight_files(args: argparse.Namespace) -> dict[str, Path]:
+    """The pretext weight files this run starts from, by the flag that names each."""
+    model_dir = Path(args.model_dir)
+    files = {"--p-pretrained-backbone-filename": model_dir / args.p_pretrained_backbone_filename,
+             "--p-pretrained-proj-filename": model_dir / args.p_pretrained_proj_filename}
+    if args.p_pretext_type == "byol":
+        files["--p-pretrained-pred-filename"] = model_dir / (args.p_pretrained_pred_filename or f"pretext_byol_arch-{args.arch}_pred.pth")
+    return files
+
+
 def load_lower_model(args: argparse.Namespace) -> nn.Module:
     backbone, feat_dim = build_backbone(args.arch, cifar_stem=bool(args.cifar_stem))
     model = build_pretext_model(args.p_pretext_type, backbone, feat_dim, args.p_mlp, args.p_temperature)
@@ -88,6 +116,7 @@ def main(args: argparse.Namespace) -> None:
     resolve_upper_lr_wd(args)
     names = output_names(args)
     run_dir = run_directory(args, names["run"])
+    run_lock = open_run_dir(args, env, run_dir, output_prefixes=[names[key] for key in ("lower_backbone", "upper_backbone", "head", "config")])
     lower_batch = per_rank_batch_size(args.p_batch_size, env.world_size, "--p-batch-size")
     upper_batch = per_rank_batch_size(args.d_batch_size, env.world_size, "--d-batch-size")
     dtype = amp_dtype(args.amp, env.device)
@@ -96,11 +125,12 @@ def main(args: argparse.Namespace) -> None:
 
     data_dir = Path(args.data_dir)
     splits = build_downstream_splits(
-        args.d_dset, data_dir, downstream_train_transform(args.img_size, args.img_crop_min_ratio),
+        args.d_dset, data_dir, downstream_train_transform(args.img_size, args.img_crop_min_ratio, bool(args.crop_as_original)),
         downstream_test_transform(args.img_size), download=bool(args.download_dataset),
         split_seed=args.seed, val_fraction=args.val_fraction,
     )
-    pretext_set = build_pretext_dataset(args.p_dset, data_dir, pretext_transform(args.img_size, args.img_crop_min_ratio),
+    pretext_set = build_pretext_dataset(args.p_dset, data_dir,
+                                        pretext_transform(args.img_size, args.img_crop_min_ratio, bool(args.crop_as_original)),
                                         download=bool(args.download_dataset))
     cap = args.max_train_samples or None
     pretext_set = subsample(pretext_set, cap, seed=args.seed, stratify=False)
@@ -120,7 +150,17 @@ def main(args: argparse.Namespace) -> None:
     upper_backbone.load_state_dict(lower_model.backbone.state_dict())
     upper_backbone.to(env.device)
     head = nn.Linear(feat_dim, splits.num_classes).to(env.device)
-    criterion: nn.Module = nn.BCEWithLogitsLoss() if splits.multilabel else nn.CrossEntropyLoss()
+    # Ranks seed with seed + rank; the head must nevertheless start identical on every rank (and as
+    # in a one-process run), so rank 0's initialisation is sent to all.
+    broadcast_module_(head)
+    # What a resumed run must have started from: the content of every input weights file.
+    inputs = {f"content of {flag}": ckpt.file_sha256(path) for flag, path in pretext_weight_files(args).items()}
+    criterion = downstream_criterion(splits.multilabel, args.multilabel_loss)
+    upper_steps = upper_steps_per_alternation(args.upper_num_iter, upper_stream.batches_per_pass,
+                                              bool(args.upper_steps_whole_passes))
+    if upper_steps != args.upper_num_iter:
+        logger.info("--upper-steps-whole-passes 1: %d upper steps per alternation (%d whole passes of %d batches) instead of %d",
+                    upper_steps, upper_steps // upper_stream.batches_per_pass, upper_stream.batches_per_pass, args.upper_num_iter)
 
     lower_optimizer = build_optimizer(args.p_optimizer, list(lower_model.parameters()), args.p_lr, args.p_wd,
                                       args.p_momentum, eta=cfg.LARS_ETA, exclude_bias_bn=bool(args.p_lars_exclude_bias_bn))
@@ -128,12 +168,12 @@ def main(args: argparse.Namespace) -> None:
                                               args.epochs * args.lower_num_iter, cfg.FINAL_LR_FACTOR)
     upper_optimizer = build_optimizer(args.d_optimizer, list(upper_backbone.parameters()) + list(head.parameters()),
                                       args.d_lr, args.d_wd, args.d_momentum)
-    upper_scheduler = warmup_cosine_scheduler(upper_optimizer, 0, args.epochs * args.upper_num_iter, cfg.FINAL_LR_FACTOR)
+    upper_scheduler = warmup_cosine_scheduler(upper_optimizer, 0, args.epochs * upper_steps, cfg.FINAL_LR_FACTOR)
     settings = BilevelSettings(
         lam=args.lam, cg_damping=args.cg_lam_dampening, cg_iters=args.cg_iter_num,
-        cg_layerwise=args.cg_solver == "layerwise", upper_plain_grad_scale=args.upper_plain_grad_scale,
+        cg_solver=args.cg_solver, upper_plain_grad_scale=args.upper_plain_grad_scale,
         grad_clip=args.grad_clip, lower_steps_per_alternation=args.lower_num_iter,
-        upper_steps_per_alternation=args.upper_num_iter, alternations=args.epochs,
+        upper_steps_per_alternation=upper_steps, alternations=args.epochs,
         ma_decay=args.p_ma_decay, ma_use_scheduler=bool(args.p_ma_use_scheduler), cg_verbose=bool(args.cg_verbose),
         upper_level=bool(args.upper_level),
     )
@@ -143,22 +183,31 @@ def main(args: argparse.Namespace) -> None:
     checkpoint_path = run_dir / "checkpoint.pth"
     start_alternation, history = 0, []
 
+    models = {"lower model": lower_model, "upper backbone": upper_backbone, "head": head}
+
     def save_checkpoint(alternation: int) -> None:
+        # Collectives: every rank stops together if any model diverged or the ranks drifted apart.
+        ckpt.check_healthy(models, f"by alternation {alternation}", cfg.MAX_TENSOR_RMS)
+        check_ranks_identical(models, f"after alternation {alternation}")
         rng_states = ckpt.all_rank_rng_states()
         if env.is_main:
             ckpt.save_atomic({"trainer": trainer.state_dict(), "alternation": alternation, "history": history,
                               "lower_stream": lower_stream.state_dict(), "upper_stream": upper_stream.state_dict(),
-                              "rng": rng_states, "args": vars(args)}, checkpoint_path)
+                              "rng": rng_states, "args": vars(args), "inputs": inputs}, checkpoint_path)
         barrier()
 
     if args.resume and checkpoint_path.is_file():
-        state = ckpt.load_file(checkpoint_path)
+        state = ckpt.load_checkpoint(checkpoint_path, ("trainer", "alternation", "history", "lower_stream", "upper_stream",
+                                                       "rng", "args"))
+        check_settings_unchanged(run_dir, changed_settings(state["args"], args, get_args_parser(),
+                                                           saved_inputs=state.get("inputs"), inputs=inputs))
         trainer.load_state_dict(state["trainer"])
         lower_stream.load_state_dict(state["lower_stream"])
         upper_stream.load_state_dict(state["upper_stream"])
         start_alternation, history = state["alternation"], state["history"]
         ckpt.restore_rank_rng_state(state["rng"], env.rank, env.world_size)
         logger.info("resumed from %s after %d alternations", checkpoint_path, start_alternation)
+        check_ranks_identical(models, "after resuming")
     else:
         if env.is_main:
             ckpt.write_json_atomic(vars(args), run_dir / "config.json")
@@ -194,6 +243,8 @@ def main(args: argparse.Namespace) -> None:
         logger.info("wrote %s", model_dir / names["lower_backbone"])
     writer.close()
     barrier()
+    if run_lock is not None:
+        run_lock.release()
     cleanup_distributed()
 
 

@@ -204,3 +204,23 @@ class FinetuneConfig:
     val_fraction: float = opt(0.2, "Share of each class held out for validation when no split file/official val split exists.", above=0, below=1)
     max_eval_samples: int = opt(0, "Cap the val and test sets at this many samples (seeded, stratified; 0 = all). For smoke runs.")
     save_model: int = opt(0, "1: write each trial's fine-tuned backbone and head.", (0, 1))
+
+
+@dataclass
+class ProbeConfig:
+    """Quick check of a frozen backbone (``python -m source.probe``): kNN and linear probe on its features."""
+
+    arch: str = opt("resnet50", "Architecture of the backbone file.", ("resnet18", "resnet50"))
+    cifar_stem: int = opt(0, "1: the backbone uses the CIFAR-style stem.", (0, 1))
+    img_size: int = opt(96, "Image side of the (deterministic, resize + centre crop) evaluation transform.")
+    backbone_filename: str = opt("pretext_simclr_arch-resnet50_bb.pth", "Backbone weights in --model-dir (any format `source.weights convert` reads).")
+    dset: str = opt("pets", "Downstream dataset: features of its train split are the kNN bank / probe training set.")
+    val_fraction: float = opt(0.2, "Share of each class held out for validation when no split file/official val split exists.")
+    max_eval_samples: int = opt(0, "Cap the val and test sets at this many samples (seeded, stratified; 0 = all).")
+    batch_size: int = opt(256, "Images per forward pass on each rank.")
+    knn_k: int = opt(20, "Neighbours of the weighted kNN classifier (20, as Wu et al. 2018 / DINO).")
+    knn_temperature: float = opt(0.07, "Temperature T of the kNN vote weights exp(cos / T) (0.07, as the SSL literature).")
+    linear_wd: str = opt("1e-6,1e-5,1e-4,1e-3,1e-2", "Comma-separated L2 penalties of the linear probe; the best on val is reported on test.")
+    linear_max_iter: int = opt(300, "L-BFGS iterations of the full-batch linear probe.")
+    recalibrate_bn: int = opt(0, "1: re-estimate BatchNorm running statistics on the train split first (needed when they belong to other inputs, e.g. the published weights).", (0, 1))
+    cache_dir: str = opt("", "Feature cache (default: <model-dir>/probe_cache); keyed by the backbone's content hash and the data settings.")

@@ -7,8 +7,10 @@ Downstream Fine-Tuning via Bilevel Optimization" (arXiv 2410.02387):
     upper:  min_{θ_D, φ}  L_D(θ_P*(θ_D), φ)
 
 Upper gradients (one upper step):
-    θ_D:  x + γ·∇_θD L_D(θ_D, φ),   x ≈ (I + H/(λ + δ))⁻¹ ∇_θ L_D(θ_P, φ)  (CG on HVPs of L_P)
-    φ:    ∇_φ L_D(θ_P, φ) + ∇_φ L_D(θ_D, φ)
+    θ_D:  x + γ·∇_θD L_D(θ_D, φ),   x ≈ (I + H/(λ + δ))⁻¹ ∇_θ L_D(θ_P, φ)  (Krylov solver on HVPs of L_P)
+    φ:    ∇_φ L_D(θ_P, φ) + γ·∇_φ L_D(θ_D, φ)
+(γ = ``upper_plain_grad_scale`` scales both plain downstream gradients, as the first paper
+version's code did; γ = 1 by default.)
 
 No DistributedDataParallel wrapper is used: every gradient (and, inside
 ``implicit_gradient``, the CG right-hand side and every HVP) is averaged over ranks explicitly,
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from source.bilevel import implicit_gradient, preserved_buffers
+from source.bilevel import HessianVectorOperator, frozen_batch_norm_statistics, implicit_solve, preserved_buffers
 from source.data.stream import BatchStream
 from source.distributed import all_reduce_buffers_, all_reduce_gradients_, all_reduce_mean_, get_rank
 from source.engine import check_finite
@@ -43,7 +45,7 @@ class BilevelSettings:
     lam: float
     cg_damping: float
     cg_iters: int
-    cg_layerwise: bool
+    cg_solver: str  # layerwise | global | minres (source.bilevel.SOLVERS)
     upper_plain_grad_scale: float
     grad_clip: float
     lower_steps_per_alternation: int
@@ -52,6 +54,10 @@ class BilevelSettings:
     ma_decay: float
     ma_use_scheduler: bool
     cg_verbose: bool = False
+    # Build the pretext forward pass and first-order graph for the HVPs once per alternation and
+    # share it across its upper steps (θ_P and ψ do not change during them, so H does not);
+    # False rebuilds it in every upper step (the same x up to rounding; for benchmarks).
+    share_hessian_graph: bool = True
     # False: the ablation control (bench/bissl_ablation.py): the lower level alone, with θ_D
     # frozen at its start, so BiSSL can be compared with as many extra pretext steps.
     upper_level: bool = True
@@ -101,16 +107,24 @@ class BisslTrainer:
     # ---------------------------------------------------------------------------------------
     def warmup_head(self, stream: BatchStream, steps: int, optimizer: torch.optim.Optimizer,
                     writer: MetricsWriter, show_progress: bool) -> None:
-        """Train the head φ alone on frozen upper-backbone features (backbone in eval mode, no
-        gradients: its weights and BN statistics stay bit-identical)."""
+        """Train the head φ alone on frozen upper-backbone features.
+
+        The backbone runs in TRAIN mode (BatchNorm normalises with the batch's statistics), as in
+        every upper step that follows, so the head learns on the features it will be fed there;
+        in eval mode it would learn on features normalised by running statistics, which for
+        weights whose statistics belong to other inputs (the published backbones, pre-trained on
+        inputs 255x larger) are nearly constant. No gradients reach the backbone, and its BN
+        running statistics and counters are restored after each forward pass, so its whole
+        ``state_dict`` stays bit-identical (the original let the warmup update them).
+        """
         from tqdm import tqdm
 
-        self.upper_backbone.eval()
+        self.upper_backbone.train()
         self.head.train()
         for step in tqdm(range(steps), desc="head warmup", disable=not show_progress, leave=False):
             images, targets = next(stream)
             images, targets = self._to_device(images), self._to_device(targets)
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad(), self._autocast(), preserved_buffers(self.upper_backbone):
                 features = self.upper_backbone(images)
             with self._autocast():
                 loss = self.criterion(self.head(features.float()), targets)
@@ -122,7 +136,6 @@ class BisslTrainer:
             optimizer.step()
             if (step + 1) % 10 == 0 or step + 1 == steps:
                 writer.log({"warmup/loss": loss_value}, step)
-        self.upper_backbone.train()
 
     # ---------------------------------------------------------------------------------------
     def lower_step(self, view1: torch.Tensor, view2: torch.Tensor) -> dict[str, float]:
@@ -155,24 +168,42 @@ class BisslTrainer:
                 "lower/grad_norm": float(grad_norm)}
 
     # ---------------------------------------------------------------------------------------
-    def upper_step(self, images: torch.Tensor, targets: torch.Tensor,
-                   hessian_views: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
-        """One SGD step of the upper level with the implicit gradient (see module docstring)."""
-        images, targets = self._to_device(images), self._to_device(targets)
+    def hessian_operator(self, hessian_views: tuple[torch.Tensor, torch.Tensor]) -> HessianVectorOperator:
+        """H·v on one pretext batch: its forward pass and first-order graph, built once.
+
+        H = ∇²_θP L_P on this rank's batch (``implicit_solve`` averages the products over ranks),
+        in full precision since the double backward is sensitive to rounding. BatchNorm runs in
+        train mode with batch statistics and its running statistics untouched
+        (``frozen_batch_norm_statistics``), so the graph stays valid while other forward passes
+        run. It holds the batch's activations until dropped.
+        """
         view1, view2 = (self._to_device(v) for v in hessian_views)
+        self.lower_model.train()
+        with frozen_batch_norm_statistics(self.lower_model):
+            return HessianVectorOperator(lambda: self.lower_model(view1, view2, gather_across_ranks=False),
+                                         self.lower_backbone_params)
+
+    def upper_step(self, images: torch.Tensor, targets: torch.Tensor,
+                   hessian_views: tuple[torch.Tensor, torch.Tensor] | None,
+                   hessian: HessianVectorOperator | None = None) -> dict[str, float]:
+        """One SGD step of the upper level with the implicit gradient (see module docstring).
+
+        hessian: the operator of ``hessian_operator(hessian_views)`` when the alternation shares
+        one across its upper steps; without it the step builds its own from ``hessian_views``.
+        """
+        images, targets = self._to_device(images), self._to_device(targets)
         self.lower_model.train()
         self.upper_backbone.train()
         self.head.train()
         num_backbone = len(self.lower_backbone_params)
 
         # v = ∇_θP L_D(θ_P, φ) and ∇_φ L_D(θ_P, φ); the downstream batch must not leak into the
-        # lower backbone's BN statistics.
-        # (The backward runs inside the context: BN's backward checks the buffers' versions.)
-        with preserved_buffers(self.lower_model.backbone):
-            with self._autocast():
-                lower_logits = self.head(self.lower_model.backbone(images))
-                lower_downstream_loss = self.criterion(lower_logits.float(), targets)
-            grads = torch.autograd.grad(lower_downstream_loss, self.lower_backbone_params + self.head_params)
+        # lower backbone's BN statistics (frozen, rather than restored afterwards: a restoring
+        # write would invalidate a shared Hessian graph, whose BN layers are these).
+        with frozen_batch_norm_statistics(self.lower_model.backbone), self._autocast():
+            lower_logits = self.head(self.lower_model.backbone(images))
+            lower_downstream_loss = self.criterion(lower_logits.float(), targets)
+        grads = torch.autograd.grad(lower_downstream_loss, self.lower_backbone_params + self.head_params)
         rhs, head_grad_via_lower = grads[:num_backbone], grads[num_backbone:]
 
         with self._autocast():
@@ -181,54 +212,56 @@ class BisslTrainer:
         check_finite(upper_value, f"at upper step {self.upper_step_count}")
         plain = torch.autograd.grad(upper_loss, self.upper_backbone_params + self.head_params)
 
-        def hessian_loss() -> torch.Tensor:
-            # This rank's batch only: implicit_gradient averages the HVPs over ranks. Full
-            # precision, since the double backward is sensitive to rounding.
-            return self.lower_model(view1, view2, gather_across_ranks=False)
+        if hessian is None and self.settings.cg_iters > 0:
+            if hessian_views is None:
+                raise ValueError("upper_step needs hessian_views or a prebuilt hessian operator")
+            hessian = self.hessian_operator(hessian_views)
+        # x ≈ (I + H/(λ+δ))⁻¹·v with v averaged over ranks inside; x is identical on every rank.
+        implicit, report = implicit_solve(
+            None, self.lower_backbone_params, rhs, self.settings.lam, self.settings.cg_damping,
+            self.settings.cg_iters, solver=self.settings.cg_solver, hessian=hessian,
+        )
 
-        residuals: list[torch.Tensor] = []
-        with preserved_buffers(self.lower_model):
-            implicit = implicit_gradient(
-                hessian_loss, self.lower_backbone_params, rhs, self.settings.lam, self.settings.cg_damping,
-                self.settings.cg_iters, layerwise=self.settings.cg_layerwise, residual_norms=residuals,
-            )
-
+        # θ_D: γ·∇θD L_D(θ_D, φ) + x;   φ: γ·∇φ L_D(θ_D, φ) + ∇φ L_D(θ_P, φ)
+        gamma = self.settings.upper_plain_grad_scale
         for param, grad in zip(self.upper_backbone_params + self.head_params, plain):
-            param.grad = grad.detach().clone()
+            param.grad = grad.detach().mul(gamma)
         for param, grad in zip(self.head_params, head_grad_via_lower):
             param.grad.add_(grad)
         all_reduce_gradients_(self.upper_backbone_params + self.head_params)
-        gamma = self.settings.upper_plain_grad_scale
         for param, x in zip(self.upper_backbone_params, implicit):
-            param.grad.mul_(gamma).add_(x)  # x is identical on every rank already
+            param.grad.add_(x)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.upper_backbone_params + self.head_params, self.settings.grad_clip)
-        # A diverged CG solve shows up here; it is reported, never clipped away or zeroed.
-        check_finite(float(grad_norm), f"(upper gradient norm incl. the implicit gradient; CG residuals "
-                                       f"{[round(float(r), 4) for r in residuals]}) at upper step {self.upper_step_count}")
+        metrics = report.metrics("cg/")
+        # A diverged solve shows up here; it is reported, never clipped away or zeroed.
+        check_finite(float(grad_norm), f"(upper gradient norm incl. the implicit gradient; {report.solver} true "
+                                       f"relative residual {metrics['cg/true_rel_residual']:.4g}, CG residuals "
+                                       f"(recurrence) {[round(float(r), 4) for r in report.residual_norms]}) "
+                                       f"at upper step {self.upper_step_count}")
         lr = self.upper_optimizer.param_groups[0]["lr"]
         self.upper_optimizer.step()
         self.upper_optimizer.zero_grad(set_to_none=True)
         self.upper_scheduler.step()
         self.upper_step_count += 1
-        metrics = {
+        metrics.update({
             "upper/loss": upper_value,
             "upper/loss_through_lower": all_reduce_mean_(lower_downstream_loss.detach().float().clone()).item(),
             "upper/lr": lr, "upper/grad_norm": float(grad_norm),
-            "cg/residual_first": float(residuals[0]) if residuals else 0.0,
-            "cg/residual_last": float(residuals[-1]) if residuals else 0.0,
-            # rank 0's own right-hand side, before implicit_gradient averages it over ranks
-            "cg/rhs_norm": float(torch.sqrt(sum((v.float() ** 2).sum() for v in rhs))),
-        }
-        if (residuals and metrics["cg/residual_last"] > metrics["cg/rhs_norm"] and not self._warned_cg_growth
-                and get_rank() == 0):
+            # ‖v − A·x‖ of the x applied (the solver's recurrence can differ from it: see SolveReport)
+            "cg/residual_last": metrics["cg/true_rel_residual"] * metrics["cg/rhs_norm"],
+        })
+        if metrics["cg/true_rel_residual"] > 1 and not self._warned_cg_growth and get_rank() == 0:
             self._warned_cg_growth = True  # once per run: the metrics file has every value
             logger.warning(
-                "CG residual grew from %.3g (right-hand side) to %.3g at upper step %d: the system I + H/(lam + delta) "
-                "is poorly conditioned for this CG. Consider --cg-solver global or a larger --cg-lam-dampening.",
-                metrics["cg/rhs_norm"], metrics["cg/residual_last"], self.upper_step_count)
+                "upper step %d: the %s solve is worse than no solve (x = 0): true relative residual "
+                "||v - Ax||/||v|| = %.3g > 1 for A = I + H/(lam + delta). A is probably indefinite at this delta: "
+                "measure it with `python -m source.curvature`, then use --cg-solver minres and/or a larger "
+                "--cg-lam-dampening. Every step's value is in the metrics (cg/true_rel_residual).",
+                self.upper_step_count, report.solver, metrics["cg/true_rel_residual"])
         if self.settings.cg_verbose:
-            logger.info("upper step %d: CG residual norms %s", self.upper_step_count,
-                        ", ".join(f"{float(r):.3e}" for r in residuals))
+            logger.info("upper step %d: %s residual norms (recurrence) %s; true relative residual %.3e",
+                        self.upper_step_count, report.solver,
+                        ", ".join(f"{float(r):.3e}" for r in report.residual_norms), metrics["cg/true_rel_residual"])
         return metrics
 
     # ---------------------------------------------------------------------------------------
@@ -245,9 +278,13 @@ class BisslTrainer:
             add(self.lower_step(view1, view2), self.settings.lower_steps_per_alternation)
         # Drawn with or without an upper level, so the control sees the same lower batches as BiSSL.
         hessian_views, _ = next(lower_stream)
+        # One Hessian graph for all upper steps: θ_P and ψ stay fixed while they run.
+        share = self.settings.share_hessian_graph and self.settings.cg_iters > 0 and self.settings.upper_level
+        hessian = self.hessian_operator(hessian_views) if share else None
         for _ in range(self.settings.upper_steps_per_alternation if self.settings.upper_level else 0):
             images, targets = next(upper_stream)
-            add(self.upper_step(images, targets, hessian_views), self.settings.upper_steps_per_alternation)
+            add(self.upper_step(images, targets, hessian_views, hessian), self.settings.upper_steps_per_alternation)
+        del hessian  # free the pretext batch's activations before evaluation
         # Per-rank BN statistics diverge with per-rank data; average them so every rank (and
         # the saved model) holds the same state.
         all_reduce_buffers_(self.lower_model)

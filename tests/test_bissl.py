@@ -1,6 +1,7 @@
 """BiSSL trainer: frozen-backbone warmup, rank consistency, 1-vs-2-process equality."""
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -37,7 +38,7 @@ def make_trainer(kind: str, batch_norm: bool, seed: int = 0, gamma: float = 1.0)
     upper = copy.deepcopy(lower.backbone)
     head = nn.Linear(FEATURES, CLASSES)
     settings = BilevelSettings(
-        lam=0.5, cg_damping=1.0, cg_iters=3, cg_layerwise=True, upper_plain_grad_scale=gamma, grad_clip=10.0,
+        lam=0.5, cg_damping=1.0, cg_iters=3, cg_solver="layerwise", upper_plain_grad_scale=gamma, grad_clip=10.0,
         lower_steps_per_alternation=2, upper_steps_per_alternation=2, alternations=3, ma_decay=0.9,
         ma_use_scheduler=True,
     )
@@ -103,11 +104,17 @@ def test_alternation_moves_both_levels_and_logs():
     assert history[-1]["distance"] == float(backbone_distance(trainer.lower_model.backbone, trainer.upper_backbone))
 
 
-def test_upper_gradient_composition_matches_formula():
-    """θ_D.grad = x + γ ∇θD L_D(θ_D, φ), φ.grad = ∇φ L_D(θ_P, φ) + ∇φ L_D(θ_D, φ) (before clipping)."""
+@pytest.mark.parametrize("gamma", [1.0, 0.01])
+@pytest.mark.parametrize("shared_graph", [False, True])
+def test_upper_gradient_composition_matches_formula(gamma, shared_graph):
+    """θ_D.grad = x + γ ∇θD L_D(θ_D, φ), φ.grad = ∇φ L_D(θ_P, φ) + γ ∇φ L_D(θ_D, φ) (before clipping).
+
+    The reference differentiates ONE scalar, L_D(θ_P, φ) + γ·L_D(θ_D, φ), with autograd: γ must
+    reach both plain terms (θ_D's and φ's), as in the first paper version's code.
+    """
     from source.bilevel import implicit_gradient
 
-    trainer = make_trainer("simclr", batch_norm=False, gamma=0.01)
+    trainer = make_trainer("simclr", batch_norm=False, gamma=gamma)
     trainer.settings.grad_clip = 1e9
     lower, upper = make_batches(3, 8)
     (v1, v2), _ = lower[0]
@@ -122,18 +129,24 @@ def test_upper_gradient_composition_matches_formula():
         return original_step(*args, **kwargs)
 
     trainer.upper_optimizer.step = capture
-    trainer.upper_step(images, targets, (v1, v2))
-    lower_loss = reference.criterion(reference.head(reference.lower_model.backbone(images)), targets)
-    rhs = torch.autograd.grad(lower_loss, reference.lower_backbone_params + reference.head_params)
-    upper_loss = reference.criterion(reference.head(reference.upper_backbone(images)), targets)
-    plain = torch.autograd.grad(upper_loss, reference.upper_backbone_params + reference.head_params)
+    hessian = trainer.hessian_operator((v1, v2)) if shared_graph else None
+    trainer.upper_step(images, targets, (v1, v2), hessian)
     n = len(reference.lower_backbone_params)
-    x = implicit_gradient(lambda: reference.lower_model(v1, v2), reference.lower_backbone_params, rhs[:n],
-                          0.5, 1.0, 3)
-    for got, xi, gi in zip(captured["upper"], x, plain[:n]):
-        assert torch.allclose(got, xi + 0.01 * gi, atol=1e-6)
-    for got, a, b in zip(captured["head"], rhs[n:], plain[n:]):
-        assert torch.allclose(got, a + b, atol=1e-6)
+    lower_loss = reference.criterion(reference.head(reference.lower_model.backbone(images)), targets)
+    upper_loss = reference.criterion(reference.head(reference.upper_backbone(images)), targets)
+    combined = torch.autograd.grad(lower_loss + gamma * upper_loss,
+                                   reference.lower_backbone_params + reference.upper_backbone_params + reference.head_params)
+    rhs, plain_backbone, head = combined[:n], combined[n:2 * n], combined[2 * n:]
+    x = implicit_gradient(lambda: reference.lower_model(v1, v2), reference.lower_backbone_params, rhs, 0.5, 1.0, 3)
+    for got, xi, gi in zip(captured["upper"], x, plain_backbone):
+        torch.testing.assert_close(got, xi + gi, atol=1e-6, rtol=1e-5)
+    for got, expected in zip(captured["head"], head):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    if gamma != 1.0:  # and the two plain terms really are scaled: γ = 1 gives another head gradient
+        unscaled = torch.autograd.grad(
+            reference.criterion(reference.head(reference.lower_model.backbone(images)), targets)
+            + reference.criterion(reference.head(reference.upper_backbone(images)), targets), reference.head_params)
+        assert max(float((a - b).abs().max()) for a, b in zip(unscaled, captured["head"])) > 1e-3
 
 
 def _distributed_bissl(rank, world, kind, batch_norm):
