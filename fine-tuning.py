@@ -75,7 +75,7 @@ END_OF_SWEEP_TIMEOUT = datetime.timedelta(days=7)
 TRIAL_DEFINING_FLAGS = (
     "seed", "dset", "val_fraction", "max_train_samples", "max_eval_samples", "backbone_origin", "pretrain_arch",
     "pretrain_cifar_stem", "pretrain_img_size", "pretrain_img_crop_min_ratio", "pretrained_backbone_filename",
-    "use_hpo", "batch_size", "epochs", "optimizer_momentum",
+    "use_hpo", "batch_size", "epochs", "optimizer_momentum", "crop_as_original", "multilabel_loss",
 )
 HPO_FLAGS = ("hpo_lr_min", "hpo_lr_max", "hpo_wd_min", "hpo_wd_max")
 SEED_RUN_FLAGS = ("lr", "wd")
@@ -104,7 +104,7 @@ def load_splits(args: argparse.Namespace) -> DownstreamSplits:
     splits = None
     try:
         splits = build_downstream_splits(
-            args.dset, Path(args.data_dir), downstream_train_transform(args.pretrain_img_size, args.pretrain_img_crop_min_ratio),
+            args.dset, Path(args.data_dir), downstream_train_transform(args.pretrain_img_size, args.pretrain_img_crop_min_ratio, bool(args.crop_as_original)),
             downstream_test_transform(args.pretrain_img_size), download=bool(args.download_dataset),
             split_seed=args.seed, val_fraction=args.val_fraction,
         )
@@ -187,6 +187,7 @@ def run_trial(
         result = fine_tune(
             model, train_loader, val_loader, test_loader, lr=trial.lr, wd=trial.wd, momentum=args.optimizer_momentum,
             epochs=args.epochs, device=env.device, amp_dtype=dtype, multilabel=splits.multilabel,
+            multilabel_loss=args.multilabel_loss,
             show_progress=env.is_main, description=f"trial {trial.index} (lr {trial.lr:g}, wd {trial.wd:g})",
             on_epoch=lambda metrics: writer.log(metrics, step=int(metrics["epoch"])),
             on_final_model=save_final if args.save_model else None,

@@ -42,7 +42,7 @@ def output_stem(args: argparse.Namespace) -> str:
 
 def build_loader(args: argparse.Namespace, env: DistEnv) -> tuple[DataLoader, DistributedSampler]:
     dataset = build_pretext_dataset(
-        args.dset, Path(args.data_dir), pretext_transform(args.img_size, args.img_crop_min_ratio),
+        args.dset, Path(args.data_dir), pretext_transform(args.img_size, args.img_crop_min_ratio, bool(args.crop_as_original)),
         download=bool(args.download_dataset),
     )
     dataset = subsample(dataset, args.max_train_samples or None, seed=args.seed, stratify=False)
@@ -64,7 +64,7 @@ def main(args: argparse.Namespace) -> None:
     per_rank_batch_size(args.batch_size, env.world_size)  # fail before touching data
     run_dir = run_directory(args, f"{output_stem(args)}_dset-{args.dset}")
     loader, sampler = build_loader(args, env)
-    backbone, feat_dim = build_backbone(args.arch, cifar_stem=bool(args.cifar_stem))
+    backbone, feat_dim = build_backbone(args.arch, cifar_stem=bool(args.cifar_stem), zero_init_residual=bool(args.zero_init_residual))
     model = build_pretext_model(args.pretext_type, backbone, feat_dim, args.mlp, args.temperature).to(env.device)
     if env.distributed and env.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

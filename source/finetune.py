@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from source.engine import make_grad_scaler
 from source.evaluation import evaluate
+from source.losses import downstream_criterion
 from source.optim import warmup_cosine_scheduler
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ def fine_tune(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     multilabel: bool,
+    multilabel_loss: str = "bce",
     show_progress: bool = False,
     description: str = "fine-tuning",
     on_epoch: Callable[[dict[str, float]], None] | None = None,
@@ -159,7 +161,8 @@ def fine_tune(
 
     SGD(lr, momentum, weight decay ``wd`` on every parameter) with :func:`cosine_to_zero_scheduler`
     over ``epochs * len(train_loader)`` iterations; loss ``CE(logits, y)`` or, if ``multilabel``,
-    ``BCEWithLogits(logits, y)`` averaged over the B * C entries. After each epoch the model is
+    ``BCEWithLogits(logits, y)`` averaged over the B * C entries (``multilabel_loss="ce"``: the
+    original's softmax cross-entropy on the multi-hot targets). After each epoch the model is
     evaluated on ``val_loader`` (locally: no cross-process reduction) and a copy of the weights of
     the best validation epoch is kept in memory. At the end the final model and the best-epoch
     model are scored on ``test_loader``.
@@ -174,7 +177,7 @@ def fine_tune(
     if epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {epochs}")
     score = score_name(multilabel)
-    criterion: nn.Module = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
+    criterion = downstream_criterion(multilabel, multilabel_loss)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
     scheduler = cosine_to_zero_scheduler(optimizer, epochs * len(train_loader))
     scaler = make_grad_scaler(device, amp_dtype)

@@ -1,8 +1,9 @@
-"""Self-supervised losses: NT-Xent (SimCLR) and the BYOL regression loss."""
+"""Self-supervised losses (NT-Xent for SimCLR, the BYOL regression loss) and the downstream criterion."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from source.distributed import gather_with_grad, get_rank, get_world_size
 
@@ -55,3 +56,22 @@ def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """BYOL regression loss 2 - 2 cos(p, z) averaged over the batch. p, z: (N, D)."""
     cos = F.cosine_similarity(prediction, target.detach(), dim=1)
     return (2 - 2 * cos).mean()
+
+
+MULTILABEL_LOSSES = ("bce", "ce")
+
+
+def downstream_criterion(multilabel: bool, multilabel_loss: str = "bce") -> nn.Module:
+    """The downstream loss ``criterion(logits (B, C), targets) -> scalar``.
+
+    Single-label (targets (B,) class indices): cross-entropy. Multi-label (targets (B, C)
+    multi-hot floats, VOC2007): ``"bce"`` = binary cross-entropy with logits, mean over the
+    B * C entries (each class an independent yes/no); ``"ce"`` = the original code's softmax
+    cross-entropy on the multi-hot targets, ``-1/B sum_b sum_c y_bc log softmax(z_b)_c``, which
+    treats the positives of an image as competing for one unit of probability.
+    """
+    if multilabel_loss not in MULTILABEL_LOSSES:
+        raise ValueError(f"unknown multi-label loss {multilabel_loss!r}; valid: {MULTILABEL_LOSSES}")
+    if multilabel and multilabel_loss == "bce":
+        return nn.BCEWithLogitsLoss()
+    return nn.CrossEntropyLoss()

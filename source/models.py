@@ -12,16 +12,21 @@ from torch import nn
 ARCHS = ("resnet18", "resnet50")
 
 
-def build_backbone(arch: str, cifar_stem: bool = False) -> tuple[nn.Module, int]:
+def build_backbone(arch: str, cifar_stem: bool = False, zero_init_residual: bool = False) -> tuple[nn.Module, int]:
     """A ResNet feature extractor: images (N, 3, H, W) -> features (N, feat_dim).
 
     ``cifar_stem`` swaps the 7x7/stride-2 conv and the max-pool for a 3x3/stride-1 conv, which
     keeps spatial resolution on small (<= 64 px) images. The keys stay the same; conv1's shape
     changes, so weights trained with one stem do not load into the other.
+
+    ``zero_init_residual`` starts the last BatchNorm of every residual block with γ = 0 (each
+    block begins as the identity), as timm's ResNets do by default (``zero_init_last``) and
+    hence the original BiSSL pre-training; torchvision's default is γ = 1. Only training from
+    scratch sees it: loaded weights overwrite it.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown --arch {arch!r}; valid: {ARCHS}")
-    model = getattr(torchvision.models, arch)(weights=None)
+    model = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
     feat_dim = model.fc.in_features
     model.fc = nn.Identity()
     if cifar_stem:

@@ -43,6 +43,14 @@ def test_defaults_match_the_paper():
     assert (b.p_lr, b.d_momentum, b.d_batch_size, b.d_linear_warmup_epochs, b.grad_clip) == (1.0, 0.9, 256, 20, 10.0)
     assert (f.epochs, f.batch_size, f.hpo_lr_min, f.hpo_lr_max, f.hpo_wd_min, f.hpo_wd_max, f.num_runs) == (400, 256, 1e-4, 1.0, 1e-5, 1e-2, 100)
     assert cfg.UPPER_LR_WD["simclr"]["pets"] == (0.03, 1e-3) and cfg.UPPER_LR_WD["byol"]["voc2007"] == (0.005, 6e-3)
+    assert (f.lr, f.wd) == (0.05, 0.001)  # the original's fixed-seed (--use-hpo 0) defaults
+
+
+def test_switches_default_to_this_project_and_zero_init_to_the_original():
+    p, b, f = cfg.PretrainConfig(), cfg.BisslConfig(), cfg.FinetuneConfig()
+    assert (p.crop_as_original, b.crop_as_original, f.crop_as_original) == (0, 0, 0)
+    assert (b.multilabel_loss, f.multilabel_loss) == ("bce", "bce")
+    assert (b.upper_steps_whole_passes, p.zero_init_residual) == (0, 1)
 
 
 def test_every_field_has_help():
@@ -71,6 +79,7 @@ def test_readme_states_the_configured_defaults():
         f"Fine-tuning: {f.epochs}\nepochs, batch {f.batch_size}, SGD momentum {f.optimizer_momentum:g}": True,
         f"lr log-uniform in [{sci(f.hpo_lr_min)}, {f.hpo_lr_max:g}]": True,
         f"wd log-uniform in [{sci(f.hpo_wd_min)}, {sci(f.hpo_wd_max)}]": True,
+        f"`--use-hpo 0` runs default to lr {f.lr:g}, wd {f.wd:g}": True,
     }
     flat = " ".join(readme.split())
     missing = [text for text in statements if " ".join(text.split()) not in flat]

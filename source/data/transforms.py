@@ -14,6 +14,8 @@ A note on the crop: the original code passed ``--img-crop-min-ratio`` as the *as
 range ``ratio=(min, 1)`` of ``RandomResizedCrop`` (leaving the area scale at torchvision's
 default (0.08, 1)). That was a mistake; here it is the minimum of the area *scale*,
 ``scale=(crop_min_scale, 1)``, and the aspect ratio keeps torchvision's default (3/4, 4/3).
+``crop_as_original=True`` (``--crop-as-original 1``) builds the original's crop instead, in
+every pipeline that crops: the published numbers and weights were produced with it.
 
 All transforms are plain classes (no lambdas) so DataLoader workers can pickle them, and all
 randomness comes from torch's global generator, so ``torch.manual_seed`` makes them repeatable.
@@ -93,11 +95,28 @@ def _normalize() -> list[Callable]:
     return [T.ToTensor(), T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)]
 
 
-def _pretext_view(img_size: int, crop_min_scale: float, blur_p: float, solarize_p: float) -> T.Compose:
+def random_resized_crop(img_size: int, crop_min_scale: float, crop_as_original: bool = False,
+                        interpolation: T.InterpolationMode = T.InterpolationMode.BILINEAR) -> T.RandomResizedCrop:
+    """The random resized crop of the training pipelines.
+
+    Default: area ``scale=(crop_min_scale, 1)``, aspect ratio (3/4, 4/3), ``interpolation``.
+    ``crop_as_original``: the original code's crop, ``RandomResizedCrop(img_size,
+    ratio=(crop_min_scale, 1))`` -- area scale left at (0.08, 1), aspect ratio (width/height) in
+    ``[crop_min_scale, 1]``, so only portrait crops -- bicubic with antialiasing, in its pretext
+    and downstream pipelines alike.
+    """
+    if crop_as_original:
+        return T.RandomResizedCrop(img_size, ratio=(crop_min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC,
+                                   antialias=True)
+    return T.RandomResizedCrop(img_size, scale=(crop_min_scale, 1.0), interpolation=interpolation)
+
+
+def _pretext_view(img_size: int, crop_min_scale: float, blur_p: float, solarize_p: float,
+                  crop_as_original: bool = False) -> T.Compose:
     steps: list[Callable] = [
         ToRGB(),
         # Bicubic, as in the original pre-training pipeline.
-        T.RandomResizedCrop(img_size, scale=(crop_min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        random_resized_crop(img_size, crop_min_scale, crop_as_original, T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(p=HFLIP_P),
         T.RandomApply([T.ColorJitter(*COLOR_JITTER)], p=COLOR_JITTER_P),
         T.RandomGrayscale(p=GRAYSCALE_P),
@@ -108,30 +127,32 @@ def _pretext_view(img_size: int, crop_min_scale: float, blur_p: float, solarize_
     return T.Compose(steps + _normalize())
 
 
-def pretext_transform(img_size: int, crop_min_scale: float) -> TwoViewTransform:
+def pretext_transform(img_size: int, crop_min_scale: float, crop_as_original: bool = False) -> TwoViewTransform:
     """The two asymmetric SSL views of one image (see the module docstring for the recipe).
 
     Args:
         img_size: side of the square output views.
         crop_min_scale: minimum area fraction of the random resized crop,
             ``scale=(crop_min_scale, 1)`` (``--img-crop-min-ratio``; NOT an aspect ratio).
+        crop_as_original: build the original code's crop instead (:func:`random_resized_crop`).
 
     Returns:
         ``img -> (view1, view2)``, each a normalised tensor of shape ``(3, img_size, img_size)``.
     """
     _check_sizes(img_size, crop_min_scale)
     return TwoViewTransform(
-        _pretext_view(img_size, crop_min_scale, VIEW1_BLUR_P, VIEW1_SOLARIZE_P),
-        _pretext_view(img_size, crop_min_scale, VIEW2_BLUR_P, VIEW2_SOLARIZE_P),
+        _pretext_view(img_size, crop_min_scale, VIEW1_BLUR_P, VIEW1_SOLARIZE_P, crop_as_original),
+        _pretext_view(img_size, crop_min_scale, VIEW2_BLUR_P, VIEW2_SOLARIZE_P, crop_as_original),
     )
 
 
-def downstream_train_transform(img_size: int, crop_min_scale: float) -> T.Compose:
+def downstream_train_transform(img_size: int, crop_min_scale: float, crop_as_original: bool = False) -> T.Compose:
     """Downstream training augmentation: RGB, random resized crop (area scale in
-    ``[crop_min_scale, 1]``), horizontal flip, normalise -> tensor ``(3, img_size, img_size)``."""
+    ``[crop_min_scale, 1]``, or the original's crop with ``crop_as_original``), horizontal flip,
+    normalise -> tensor ``(3, img_size, img_size)``."""
     _check_sizes(img_size, crop_min_scale)
     return T.Compose(
-        [ToRGB(), T.RandomResizedCrop(img_size, scale=(crop_min_scale, 1.0)), T.RandomHorizontalFlip(p=HFLIP_P)]
+        [ToRGB(), random_resized_crop(img_size, crop_min_scale, crop_as_original), T.RandomHorizontalFlip(p=HFLIP_P)]
         + _normalize()
     )
 
