@@ -1,6 +1,8 @@
 """Tests for source/bilevel.py against independent references.
 
-CG vs ``torch.linalg.solve``, HVP vs the autograd Hessian, the implicit gradient vs a closed
+CG vs ``torch.linalg.solve``, MINRES vs the residual-minimising solution over an explicit
+Krylov basis, every solver's reported true residual vs an explicit product, HVP vs the
+autograd Hessian, the implicit gradient vs a closed
 form and vs central finite differences of a bilevel problem, graph reuse vs recomputation on
 a ResNet, and a real 2-process gloo run vs one process on the concatenated batch.
 """
@@ -16,11 +18,16 @@ from torch import nn
 from torch.func import functional_call
 
 from source.bilevel import (
+    SOLVERS,
     HessianVectorOperator,
     conjugate_gradient,
+    frozen_batch_norm_statistics,
     hessian_vector_product,
     implicit_gradient,
+    implicit_solve,
+    minres,
     preserved_buffers,
+    solve,
 )
 from tests.distributed_harness import run_in_processes
 
@@ -132,6 +139,177 @@ def test_exact_convergence_gives_no_nan(layerwise):
 def test_cg_rejects_negative_iterations():
     with pytest.raises(ValueError, match="num_iters"):
         conjugate_gradient(lambda p: p, (torch.ones(2),), -1)
+
+
+# --------------------------------------------------------------------------------------------
+# MINRES and the solvers' reports
+# --------------------------------------------------------------------------------------------
+
+
+def _random_symmetric(n: int, generator: torch.Generator, negative: int) -> torch.Tensor:
+    """Symmetric with ``negative`` eigenvalues in [-3, -0.5] and the rest in [0.5, 4]."""
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))
+    eigenvalues = torch.cat([-0.5 - 2.5 * torch.rand(negative, dtype=torch.float64, generator=generator),
+                             0.5 + 3.5 * torch.rand(n - negative, dtype=torch.float64, generator=generator)])
+    return q @ torch.diag(eigenvalues) @ q.T
+
+
+def _krylov_minimiser(matrix: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+    """argmin over x in span{b, Ab, ..., A^(k-1) b} of ||b - A x||, by least squares on a basis."""
+    columns = [b]
+    for _ in range(k - 1):
+        columns.append(matrix @ columns[-1])
+    basis, _ = torch.linalg.qr(torch.stack(columns, dim=1))  # orthonormal: a well-conditioned solve
+    coefficients = torch.linalg.lstsq(matrix @ basis, b.unsqueeze(1)).solution
+    return (basis @ coefficients).squeeze(1)
+
+
+@pytest.mark.parametrize("negative", [0, 4])  # positive definite, and indefinite
+def test_minres_iterates_minimise_the_residual_over_the_krylov_space(negative):
+    gen = torch.Generator().manual_seed(11)
+    n = sum(math.prod(s) for s in SHAPES)
+    matrix = _random_symmetric(n, gen, negative)
+    assert (torch.linalg.eigvalsh(matrix) < 0).sum() == negative
+    b = torch.randn(n, dtype=torch.float64, generator=gen)
+    norms: list = []
+    minres(_matrix_operator(matrix, SHAPES), _split(b, SHAPES), n, residual_norms=norms)
+    previous = torch.linalg.vector_norm(b)
+    for k in range(1, n + 1):
+        x_k = _flat(minres(_matrix_operator(matrix, SHAPES), _split(b, SHAPES), k))
+        torch.testing.assert_close(x_k, _krylov_minimiser(matrix, b, k), rtol=1e-7, atol=1e-9)
+        residual = torch.linalg.vector_norm(b - matrix @ x_k)
+        torch.testing.assert_close(norms[k - 1], residual, rtol=1e-7, atol=1e-10)
+        assert residual <= previous + 1e-12  # monotone
+        previous = residual
+    torch.testing.assert_close(x_k, torch.linalg.solve(matrix, b), rtol=1e-8, atol=1e-8)
+
+
+def test_cg_oscillates_where_minres_does_not_on_an_indefinite_system():
+    gen = torch.Generator().manual_seed(12)
+    n = sum(math.prod(s) for s in SHAPES)
+    matrix = _random_symmetric(n, gen, 5)
+    b = torch.randn(n, dtype=torch.float64, generator=gen)
+    _, cg_report = solve(_matrix_operator(matrix, SHAPES), _split(b, SHAPES), n - 1, "global")
+    cg_norms = torch.stack(cg_report.residual_norms)
+    _, minres_report = solve(_matrix_operator(matrix, SHAPES), _split(b, SHAPES), n - 1, "minres")
+    minres_norms = torch.stack(minres_report.residual_norms)
+    assert (cg_norms[1:] > cg_norms[:-1]).any()  # CG's residual grows somewhere
+    assert (minres_norms[1:] <= minres_norms[:-1] + 1e-12).all()
+    assert (minres_norms <= cg_norms + 1e-10).all()  # the minimum over the same Krylov space
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("negative", [0, 3])
+def test_every_solver_reports_the_true_residual_of_what_it_returns(solver, negative):
+    gen = torch.Generator().manual_seed(13)
+    n = sum(math.prod(s) for s in SHAPES)
+    matrix = _random_symmetric(n, gen, negative)  # dense: layerwise CG is not exact CG here
+    b = torch.randn(n, dtype=torch.float64, generator=gen)
+    calls = []
+
+    def matvec(p):
+        calls.append(1)
+        return _matrix_operator(matrix, SHAPES)(p)
+
+    for k in (0, 1, 3, 6):
+        calls.clear()
+        x, report = solve(matvec, _split(b, SHAPES), k, solver)
+        x = _flat(x)
+        assert len(calls) == report.matvecs == k + (solver == "layerwise" and k > 0)
+        b_norm = torch.linalg.vector_norm(b)
+        torch.testing.assert_close(report.true_rel_residual, torch.linalg.vector_norm(b - matrix @ x) / b_norm,
+                                   rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(report.rhs_norm, b_norm)
+        torch.testing.assert_close(report.x_norm_over_rhs_norm, torch.linalg.vector_norm(x) / b_norm)
+        expected_cos = 0.0 if k == 0 else float(x @ b / (torch.linalg.vector_norm(x) * b_norm))
+        assert abs(float(report.cos_x_rhs) - expected_cos) < 1e-10
+        if k == 0:
+            assert float(report.true_rel_residual) == 1.0 and torch.equal(x, torch.zeros_like(x))
+    # The layerwise recurrence is not b - Ax on a coupled system: the report must not use it.
+    if solver == "layerwise":
+        x, report = solve(matvec, _split(b, SHAPES), 6, solver)
+        assert abs(float(report.residual_norms[-1]) - float(report.true_rel_residual * report.rhs_norm)) > 1e-3
+
+
+def test_minres_is_exact_without_nan_when_the_krylov_space_closes():
+    identity = _matrix_operator(torch.eye(12, dtype=torch.float64), SHAPES)
+    zero = _split(torch.zeros(12, dtype=torch.float64), SHAPES)
+    x, report = solve(identity, zero, 4, "minres")
+    assert torch.equal(_flat(x), torch.zeros(12, dtype=torch.float64))
+    assert float(report.true_rel_residual) == 0.0
+    b = _split(torch.linspace(-1, 2, 12, dtype=torch.float64), SHAPES)
+    x, report = solve(identity, b, 4, "minres")  # one step solves A = I; the rest are 0/0 steps
+    torch.testing.assert_close(_flat(x), _flat(b), rtol=1e-15, atol=1e-15)
+    assert torch.equal(torch.stack(report.residual_norms)[1:], torch.zeros(3, dtype=torch.float64))
+
+
+def test_minres_propagates_nan_and_rejects_bad_arguments():
+    b = _split(torch.arange(1.0, 13.0, dtype=torch.float64), SHAPES)
+    b[0][1] = float("nan")
+    assert torch.isnan(_flat(minres(_matrix_operator(2 * torch.eye(12, dtype=torch.float64), SHAPES), b, 3))).all()
+    with pytest.raises(ValueError, match="num_iters"):
+        minres(lambda p: p, (torch.ones(2),), -1)
+    with pytest.raises(ValueError, match="minres"):
+        solve(lambda p: p, (torch.ones(2),), 1, "lanczos")
+
+
+def test_implicit_gradient_solver_keyword_and_layerwise_compatibility():
+    gen = torch.Generator().manual_seed(14)
+    matrix = _random_spd(5, gen)
+    theta = torch.randn(5, dtype=torch.float64, generator=gen, requires_grad=True)
+    vector = torch.randn(5, dtype=torch.float64, generator=gen)
+
+    def lower_loss():
+        return 0.5 * theta @ matrix @ theta
+
+    def run(**kwargs):
+        return implicit_gradient(lower_loss, [theta], [vector], lam=0.5, damping=0.5, cg_iters=2, **kwargs)[0]
+
+    assert torch.equal(run(), run(solver="layerwise"))
+    assert torch.equal(run(layerwise=True), run(solver="layerwise"))
+    assert torch.equal(run(layerwise=False), run(solver="global"))
+    assert not torch.equal(run(solver="minres"), run(solver="global"))  # different Krylov criteria
+    with pytest.raises(ValueError, match="contradicts"):
+        run(layerwise=True, solver="minres")
+    with pytest.raises(ValueError, match="unknown solver"):
+        run(solver="gmres")
+    exact = torch.linalg.solve(torch.eye(5, dtype=torch.float64) + matrix, vector)
+    for solver in SOLVERS[1:]:
+        x, report = implicit_solve(lower_loss, [theta], [vector], 0.5, 0.5, 5, solver=solver)
+        torch.testing.assert_close(x[0], exact, rtol=1e-8, atol=1e-8)
+        assert float(report.true_rel_residual) < 1e-8
+
+
+def test_zero_iterations_give_zero_without_any_hessian_product():
+    theta = torch.ones(3, requires_grad=True)
+
+    def lower_loss():
+        raise AssertionError("no forward pass is needed for x = 0")
+
+    for solver in SOLVERS:
+        x, report = implicit_solve(lower_loss, [theta], [torch.ones(3)], 0.001, 10.0, 0, solver=solver)
+        assert torch.equal(x[0], torch.zeros(3)) and report.matvecs == 0
+        assert report.metrics()["cg/true_rel_residual"] == 1.0
+
+
+def test_frozen_batch_norm_statistics_same_output_no_writes_and_graph_outlives_updates():
+    net = _bn_net()
+    inputs = torch.randn(6, 3, dtype=torch.float64)
+    targets = torch.tensor([0, 1, 1, 0, 1, 0])
+    params = list(net.parameters())
+    vectors = [torch.randn_like(p) for p in params]
+    expected = hessian_vector_product(lambda: F.cross_entropy(net(inputs), targets), params, vectors)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with frozen_batch_norm_statistics(net):
+        operator = HessianVectorOperator(lambda: F.cross_entropy(net(inputs), targets), params)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert net[1].track_running_stats
+    net(inputs + 1)  # a normal train-mode forward pass writes the statistics in place...
+    assert not torch.equal(net[1].running_mean, before["1.running_mean"])
+    with preserved_buffers(net):
+        net(inputs - 1)
+    result = operator(vectors)  # ...and the retained graph is still valid, with the same H
+    torch.testing.assert_close(_flat(result), _flat(expected), rtol=1e-12, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------

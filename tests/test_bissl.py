@@ -99,7 +99,7 @@ def test_alternation_moves_both_levels_and_logs():
     assert trainer.lower_step_count == 6 and trainer.upper_step_count == 6
     moved = sum(float((p.detach() - q).abs().sum()) for p, q in zip(trainer.lower_model.backbone.parameters(), lower0))
     assert moved > 0
-    for key in ("lower/loss", "upper/loss", "cg/residual_last", "distance", "lower/lr", "upper/lr"):
+    for key in ("lower/loss", "upper/loss", "cg/residual_last", "cg/true_rel_residual", "distance", "lower/lr", "upper/lr"):
         assert key in history[-1]
     assert history[-1]["distance"] == float(backbone_distance(trainer.lower_model.backbone, trainer.upper_backbone))
 
@@ -147,6 +147,49 @@ def test_upper_gradient_composition_matches_formula(gamma, shared_graph):
             reference.criterion(reference.head(reference.lower_model.backbone(images)), targets)
             + reference.criterion(reference.head(reference.upper_backbone(images)), targets), reference.head_params)
         assert max(float((a - b).abs().max()) for a, b in zip(unscaled, captured["head"])) > 1e-3
+
+
+@pytest.mark.parametrize("solver", ["layerwise", "minres"])
+def test_shared_hessian_graph_equals_per_step_build(solver):
+    """One Hessian graph per alternation gives the per-step build's models (θ_P, ψ fixed meanwhile)."""
+    results = {}
+    for share in (True, False):
+        trainer = make_trainer("simclr", batch_norm=True)
+        trainer.settings.cg_solver, trainer.settings.share_hessian_graph = solver, share
+        lower, upper = make_batches(5, 8)
+        flat, history = run_alternations(trainer, lower, upper, alternations=2)
+        buffers = torch.cat([b.double().flatten() for b in trainer.lower_model.buffers()])
+        results[share] = flat, buffers, history
+    (flat_shared, buffers_shared, history_shared), (flat_each, buffers_each, history_each) = results[True], results[False]
+    torch.testing.assert_close(flat_shared, flat_each, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(buffers_shared, buffers_each, rtol=1e-5, atol=1e-5)
+    for key in ("cg/true_rel_residual", "cg/cos_x_v", "upper/grad_norm"):
+        assert abs(history_shared[-1][key] - history_each[-1][key]) < 1e-5 * max(1.0, abs(history_each[-1][key]))
+
+
+def test_upper_steps_leave_the_lower_model_untouched():
+    """Neither the shared Hessian graph nor the downstream pass through θ_P moves θ_P, ψ or BN stats."""
+    trainer = make_trainer("simclr", batch_norm=True)
+    lower, upper = make_batches(6, 8)
+    (v1, v2), _ = lower[0]
+    trainer.lower_step(v1, v2)
+    before = {k: v.clone() for k, v in trainer.lower_model.state_dict().items()}
+    hessian = trainer.hessian_operator(lower[1][0])
+    for images, targets in upper[:2]:
+        metrics = trainer.upper_step(images, targets, lower[1][0], hessian)
+    after = trainer.lower_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert metrics["cg/hvps"] == 4  # layerwise: 3 iterations + the product that checks x
+    for key in ("cg/true_rel_residual", "cg/x_norm_over_v_norm", "cg/cos_x_v", "cg/rhs_norm"):
+        assert key in metrics and metrics[key] == metrics[key]  # present and not NaN
+
+
+def test_zero_solver_iterations_use_the_plain_gradient_only():
+    trainer = make_trainer("simclr", batch_norm=True, gamma=0.5)
+    trainer.settings.cg_iters = 0
+    lower, upper = make_batches(4, 8)
+    history = run_alternations(trainer, lower, upper, alternations=1)[1]
+    assert history[-1]["cg/true_rel_residual"] == 1.0 and history[-1]["cg/hvps"] == 0
 
 
 def _distributed_bissl(rank, world, kind, batch_norm):
