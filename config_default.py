@@ -56,7 +56,7 @@ MULTILABEL_LOSS_HELP = (
     "ce = softmax cross-entropy on the multi-hot targets, as the original code."
 )
 UPPER_STEPS_WHOLE_PASSES_HELP = (
-    "1: as the ICML code: when the downstream train split has at most --upper-num-iter batches, each alternation runs "
+    "1: as the original (ICML) code: when the downstream train split has at most --upper-num-iter batches, each alternation runs "
     "floor(N_U / batches) whole passes over it instead of N_U steps; 0: always N_U steps (as the NeurIPS code; "
     "the two agree on the paper's datasets)."
 )

@@ -217,3 +217,22 @@ def test_fine_tune_uses_the_chosen_multilabel_loss(monkeypatch):
 def test_upper_steps_per_alternation(num_iter, batches, whole_passes, expected):
     bissl = load_script("bissl.py")
     assert bissl.upper_steps_per_alternation(num_iter, batches, whole_passes) == expected
+
+
+@pytest.mark.parametrize("script, flags", [
+    ("ssl_pre-training.py", ["--crop-as-original", "--zero-init-residual"]),
+    ("bissl.py", ["--crop-as-original", "--multilabel-loss", "--upper-steps-whole-passes"]),
+    ("fine-tuning.py", ["--crop-as-original", "--multilabel-loss"]),
+])
+def test_help_lists_the_switches_with_what_the_original_did(script, flags):
+    parser = load_script(script).get_args_parser()
+    help_by_flag = {action.option_strings[0]: action.help for action in parser._actions if action.option_strings}
+    for flag in flags:
+        assert flag in parser.format_help()
+        assert "original" in help_by_flag[flag], flag
+
+
+def test_fine_tuning_help_shows_wd_default_0_001():
+    parser = load_script("fine-tuning.py").get_args_parser()
+    (wd,) = [action for action in parser._actions if "--wd" in action.option_strings]
+    assert wd.default == 0.001 and "(default: 0.001)" in wd.help
