@@ -1,0 +1,330 @@
+"""Probe a frozen backbone in minutes: weighted kNN and a linear classifier on its features.
+
+    python -m source.probe --arch resnet50 --backbone-filename pretext_simclr_arch-resnet50_bb.pth --dset pets
+    torchrun --nproc-per-node 4 -m source.probe --arch resnet50 --backbone-filename ... --dset pets --recalibrate-bn 1
+
+The backbone embeds the downstream train, val and test splits (deterministic resize + centre
+crop, the fine-tuning evaluation transform; no augmentation). Then, on those features:
+
+- kNN (Wu et al., 2018; the protocol of DINO and solo-learn): cosine similarity to the train
+  features, the k = 20 nearest vote for their class with weight exp(cos / T), T = 0.07;
+- linear probe: multinomial logistic regression on standardised features, fitted full-batch with
+  L-BFGS for each ``--linear-wd``; the penalty with the best val top-1 is reported on test.
+
+Both report top-1 on val and test. Under torchrun the images are split over the processes
+(each sample embedded exactly once, :class:`~source.evaluation.ShardedEvalSampler`) and the
+features gathered; the classifiers then run on rank 0 (they take seconds). Features are cached
+under ``--cache-dir``, keyed by the SHA-256 of the backbone file and every data setting, so a
+second probe of the same backbone (other k, other penalties) skips the forward passes.
+
+``--recalibrate-bn 1`` first re-estimates every BatchNorm's running mean and variance on the
+train split (equal-weight average over batches, then over ranks). Nothing else changes. The
+published weights need it: their statistics belong to the original code's pretext inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+import config_default as cfg
+from source import checkpoint as ckpt
+from source.cli import build_parser
+from source.data import MULTILABEL_DATASETS, build_downstream_splits, downstream_test_transform, subsample
+from source.distributed import all_reduce_sum_, broadcast_object, cleanup_distributed, get_world_size
+from source.evaluation import ShardedEvalSampler, _gather_uneven, topk_correct
+from source.models import build_backbone
+from source.runtime import amp_dtype, run_directory, start
+
+logger = logging.getLogger("probe")
+
+# Bump when what the cached features mean changes (transform, extraction), so old caches are not reused.
+FEATURE_CACHE_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    return build_parser(__doc__, [(cfg.GeneralConfig, "general"), (cfg.ProbeConfig, "probe")])
+
+
+# --- features ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.device,
+                     dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Features (N, D) float32 and labels (N,) of every sample of ``loader.dataset``, in dataset order,
+    on every rank. Each rank embeds the share of its :class:`ShardedEvalSampler` (sample i on rank
+    i mod W); the shares are gathered and put back in order."""
+    sampler = loader.sampler
+    if not isinstance(sampler, ShardedEvalSampler):
+        raise ValueError("extract_features needs a loader with a ShardedEvalSampler (each sample exactly once)")
+    backbone.eval()
+    features, labels = [], []
+    for images, targets in loader:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            features.append(backbone(images.to(device, non_blocking=True)).float())
+        labels.append(targets.to(device))
+    width = int(broadcast_object(features[0].shape[1] if features else None))  # rank 0 always has a batch
+    local = torch.cat(features) if features else torch.zeros((0, width), device=device)
+    local_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+    positions = torch.tensor(list(iter(sampler)), dtype=torch.long, device=device)
+    if get_world_size() > 1:
+        local, local_labels, positions = _gather_uneven(local), _gather_uneven(local_labels), _gather_uneven(positions)
+    order = torch.empty_like(positions)
+    order[positions] = torch.arange(len(positions), device=device)
+    return local[order].cpu(), local_labels[order].cpu()
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, device: torch.device) -> int:
+    """Re-estimate the running mean and variance of every BatchNorm of ``model`` on ``loader``'s images.
+
+    Each BN's statistics are reset and then set to the equal-weight average of the per-batch
+    mean / unbiased variance (``momentum=None``); across ranks the averages are combined weighted
+    by each rank's batch count. Parameters, other buffers, the momentum and every module's
+    train/eval mode are left as they were. Batches of one image are skipped. Returns the number of
+    batches used (all ranks).
+    """
+    norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    modes = {module: module.training for module in model.modules()}
+    momenta = [norm.momentum for norm in norms]
+    model.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+        norm.train()
+    batches = 0
+    try:
+        for images, _ in loader:
+            if images.shape[0] < 2:  # a last single image has no batch variance (and BN refuses it)
+                continue
+            model(images.to(device, non_blocking=True))
+            batches += 1
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        for module, training in modes.items():
+            module.train(training)
+    count = torch.tensor([float(batches)], dtype=torch.float64, device=device)
+    all_reduce_sum_(count)
+    if count.item() == 0:
+        raise ValueError("BatchNorm recalibration got no batch: the train split is empty")
+    if get_world_size() > 1:
+        for norm in norms:
+            for stats in (norm.running_mean, norm.running_var):
+                weighted = stats.double() * batches
+                all_reduce_sum_(weighted)
+                stats.copy_(weighted / count)
+    return int(count.item())
+
+
+# --- classifiers -------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def knn_scores(train_features: Tensor, train_labels: Tensor, features: Tensor, num_classes: int,
+               k: int = 20, temperature: float = 0.07, chunk_size: int = 1024) -> Tensor:
+    """Weighted kNN class scores (M, C) of ``features`` (M, D) against the bank (N, D) with labels (N,).
+
+    With unit vectors f, score_c(x) = sum over the k nearest train features f_j (cosine) with
+    y_j = c of exp(cos(x, f_j) / T)  (Wu et al., 2018). The prediction is the argmax over c.
+    """
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"need --knn-k >= 1 and --knn-temperature > 0, got {k} and {temperature}")
+    bank = F.normalize(train_features.float(), dim=1)
+    k = min(k, bank.shape[0])
+    scores = []
+    for first in range(0, features.shape[0], chunk_size):
+        queries = F.normalize(features[first:first + chunk_size].float(), dim=1)
+        similarity, neighbours = (queries @ bank.T).topk(k, dim=1)  # (B, k)
+        votes = torch.zeros(queries.shape[0], num_classes)
+        votes.scatter_add_(1, train_labels[neighbours], (similarity / temperature).exp())
+        scores.append(votes)
+    return torch.cat(scores) if scores else torch.zeros(0, num_classes)
+
+
+def top1(scores: Tensor, labels: Tensor) -> float:
+    """Top-1 accuracy (%) of scores (N, C) against labels (N,)."""
+    return 100.0 * topk_correct(scores, labels, (1,))[0].item() / max(len(labels), 1)
+
+
+def fit_linear_probe(features: Tensor, labels: Tensor, num_classes: int, wd: float, max_iter: int = 300) -> nn.Module:
+    """Multinomial logistic regression on frozen features (N, D): minimise
+    mean CE(W z + b, y) + (wd / 2) ||W||^2 with z = (x - mean) / std of the train features,
+    full batch with L-BFGS from W = 0 (so the result is deterministic). Returns x -> logits (N, C)."""
+    mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
+    linear = nn.Linear(features.shape[1], num_classes)
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    inputs = (features - mean) / std
+    optimizer = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+                                  line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9)
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(linear(inputs), labels) + 0.5 * wd * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return nn.Sequential(_Standardize(mean, std), linear).requires_grad_(False)
+
+
+class _Standardize(nn.Module):
+    def __init__(self, mean: Tensor, std: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+def parse_penalties(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--linear-wd {text!r} must be comma-separated numbers such as '1e-5,1e-4'") from None
+    if not values or min(values) < 0:
+        raise ValueError(f"--linear-wd {text!r} needs at least one penalty, all >= 0")
+    return values
+
+
+def probe_features(features: dict[str, tuple[Tensor, Tensor]], num_classes: int, k: int, temperature: float,
+                   penalties: list[float], max_iter: int) -> dict[str, float]:
+    """kNN and linear-probe top-1 (%) on val and test from cached ``{split: (features, labels)}``."""
+    train_x, train_y = features["train"]
+    results: dict[str, float] = {}
+    for split in ("val", "test"):
+        x, y = features[split]
+        results[f"knn_{split}_top1"] = top1(knn_scores(train_x, train_y, x, num_classes, k, temperature), y)
+    best = None
+    for wd in penalties:
+        probe = fit_linear_probe(train_x, train_y, num_classes, wd, max_iter)
+        val = top1(probe(features["val"][0]), features["val"][1])
+        logger.info("linear probe wd %g: val top-1 %.2f", wd, val)
+        if best is None or val > best[0]:
+            best = (val, wd, probe)
+    val, wd, probe = best
+    results.update(linear_val_top1=val, linear_wd=wd, linear_test_top1=top1(probe(features["test"][0]), features["test"][1]))
+    return results
+
+
+# --- cache -------------------------------------------------------------------------------
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_settings(args: argparse.Namespace, weights_hash: str, world_size: int) -> dict:
+    """Everything the cached features depend on."""
+    settings = {
+        "version": FEATURE_CACHE_VERSION, "weights_sha256": weights_hash, "arch": args.arch, "cifar_stem": args.cifar_stem,
+        "img_size": args.img_size, "dset": args.dset, "data_dir": str(Path(args.data_dir).resolve()), "seed": args.seed,
+        "val_fraction": args.val_fraction, "max_train_samples": args.max_train_samples,
+        "max_eval_samples": args.max_eval_samples, "recalibrate_bn": args.recalibrate_bn,
+    }
+    if args.recalibrate_bn:  # BN batches (so the statistics) depend on how the split is sharded
+        settings.update(world_size=world_size, batch_size=args.batch_size)
+    return settings
+
+
+def cache_path(args: argparse.Namespace, settings: dict) -> Path:
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(args.cache_dir) if args.cache_dir else Path(args.model_dir) / "probe_cache"
+    return folder / f"{Path(args.backbone_filename).stem}_dset-{args.dset}_{key}.pth"
+
+
+# --- script ------------------------------------------------------------------------------
+
+
+def check_args(args: argparse.Namespace) -> list[float]:
+    if args.dset in MULTILABEL_DATASETS:
+        raise ValueError(f"--dset {args.dset} is multi-label; the probe scores single-label top-1 only")
+    for flag in ("knn_k", "batch_size", "linear_max_iter", "img_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not args.knn_temperature > 0:
+        raise ValueError(f"--knn-temperature must be > 0, got {args.knn_temperature}")
+    return parse_penalties(args.linear_wd)
+
+
+def main(args: argparse.Namespace) -> dict[str, float] | None:
+    penalties = check_args(args)
+    env = start(args)
+    started = time.perf_counter()
+    transform = downstream_test_transform(args.img_size)
+    splits = build_downstream_splits(args.dset, Path(args.data_dir), transform, transform, download=bool(args.download_dataset),
+                                     split_seed=args.seed, val_fraction=args.val_fraction)
+    datasets: dict[str, Dataset] = {
+        "train": subsample(splits.train, args.max_train_samples or None, seed=args.seed, stratify=True),
+        "val": subsample(splits.val, args.max_eval_samples or None, seed=args.seed, stratify=True),
+        "test": subsample(splits.test, args.max_eval_samples or None, seed=args.seed, stratify=True),
+    }
+    weights_path = Path(args.model_dir) / args.backbone_filename
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"backbone weights not found: {weights_path} (check --model-dir and --backbone-filename)")
+    settings = broadcast_object(cache_settings(args, file_sha256(weights_path), env.world_size) if env.is_main else None)
+    cache = cache_path(args, settings)
+    cached = broadcast_object(cache.is_file() if env.is_main else None)
+
+    if cached:
+        logger.info("features from the cache %s", cache)
+        stored = ckpt.load_file(cache) if env.is_main else {}
+        features = {split: (stored[f"{split}_features"], stored[f"{split}_labels"]) for split in SPLITS} if env.is_main else {}
+    else:
+        backbone, _ = build_backbone(args.arch, cifar_stem=bool(args.cifar_stem))
+        ckpt.load_weights(backbone, weights_path, "probe backbone")
+        backbone.to(env.device)
+
+        def loader(dataset: Dataset) -> DataLoader:
+            return DataLoader(dataset, batch_size=args.batch_size, sampler=ShardedEvalSampler(dataset),
+                              num_workers=args.num_workers, pin_memory=env.device.type == "cuda")
+
+        if args.recalibrate_bn:
+            batches = recalibrate_batchnorm(backbone, loader(datasets["train"]), env.device)
+            logger.info("BatchNorm statistics re-estimated on %d train batches", batches)
+        dtype = amp_dtype(args.amp, env.device)
+        features = {split: extract_features(backbone, loader(datasets[split]), env.device, dtype) for split in SPLITS}
+        if env.is_main:
+            stored = {f"{split}_{kind}": tensor for split, pair in features.items() for kind, tensor in zip(("features", "labels"), pair)}
+            ckpt.save_atomic({**stored, "settings": json.dumps(settings, sort_keys=True)}, cache)
+            logger.info("features cached in %s", cache)
+
+    results = None
+    if env.is_main:
+        results = probe_features(features, splits.num_classes, args.knn_k, args.knn_temperature, penalties, args.linear_max_iter)
+        sizes = {split: len(datasets[split]) for split in SPLITS}
+        results.update({f"num_{split}": size for split, size in sizes.items()}, time_s=round(time.perf_counter() - started, 1))
+        run_dir = run_directory(args, f"probe_{Path(args.backbone_filename).stem}_dset-{args.dset}")
+        ckpt.write_json_atomic({"args": vars(args), "results": results, "feature_cache": str(cache)}, run_dir / "probe.json")
+        knn_label, linear_label = f"kNN (k={args.knn_k}, T={args.knn_temperature:g})", f"linear (wd={results['linear_wd']:g})"
+        width = max(len(knn_label), len(linear_label))
+        print(
+            f"{args.backbone_filename} on {args.dset} ({sizes['train']} train / {sizes['val']} val / {sizes['test']} test, "
+            f"{splits.num_classes} classes; BN recalibrated: {'yes' if args.recalibrate_bn else 'no'})\n"
+            f"  {knn_label:<{width}}  val top-1 {results['knn_val_top1']:6.2f}  test top-1 {results['knn_test_top1']:6.2f}\n"
+            f"  {linear_label:<{width}}  val top-1 {results['linear_val_top1']:6.2f}  test top-1 {results['linear_test_top1']:6.2f}\n"
+            f"  results: {run_dir / 'probe.json'}",
+            flush=True,
+        )
+    cleanup_distributed()
+    return results
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
