@@ -28,6 +28,7 @@ import config_default as cfg
 from source import checkpoint as ckpt
 from source.bissl_trainer import BilevelSettings, BisslTrainer
 from source.cli import build_parser
+from source.curvature import probe_next_batch
 from source.data import (
     build_downstream_splits,
     build_pretext_dataset,
@@ -102,11 +103,11 @@ def load_lower_model(args: argparse.Namespace) -> nn.Module:
     backbone, feat_dim = build_backbone(args.arch, cifar_stem=bool(args.cifar_stem))
     model = build_pretext_model(args.p_pretext_type, backbone, feat_dim, args.p_mlp, args.p_temperature)
     model_dir = Path(args.model_dir)
-    ckpt.load_weights(model.backbone, model_dir / args.p_pretrained_backbone_filename, "pretext backbone")
-    ckpt.load_weights(model.projector, model_dir / args.p_pretrained_proj_filename, "pretext projector")
+    ckpt.load_weights(model.backbone, model_dir / args.p_pretrained_backbone_filename, "pretext backbone", flags="--arch / --cifar-stem")
+    ckpt.load_weights(model.projector, model_dir / args.p_pretrained_proj_filename, "pretext projector", flags="--p-mlp (and --arch)")
     if isinstance(model, BYOL):
         pred = args.p_pretrained_pred_filename or f"pretext_byol_arch-{args.arch}_pred.pth"
-        ckpt.load_weights(model.predictor, model_dir / pred, "BYOL predictor")
+        ckpt.load_weights(model.predictor, model_dir / pred, "BYOL predictor", flags="--p-mlp")
         model.reset_target()  # the target starts equal to the loaded online network
     return model
 
@@ -140,6 +141,8 @@ def main(args: argparse.Namespace) -> None:
                           pin_memory=env.device.type == "cuda")
     lower_stream = BatchStream(pretext_set, lower_batch, seed=args.seed, **stream_options)
     upper_stream = BatchStream(upper_train, upper_batch, seed=args.seed + 1, **stream_options)
+    # The curvature probe's own batches, so probing leaves the training batches as they were.
+    probe_stream = BatchStream(pretext_set, lower_batch, seed=args.seed + 2, **stream_options) if args.curvature_every else None
     val_loader = DataLoader(val_set, batch_size=upper_batch, sampler=ShardedEvalSampler(val_set, env.rank, env.world_size),
                             num_workers=args.num_workers, pin_memory=env.device.type == "cuda")
     logger.info("downstream %s: %d train / %d val, %d classes; pretext %s: %d images",
@@ -223,6 +226,10 @@ def main(args: argparse.Namespace) -> None:
                     initial=start_alternation, total=args.epochs, dynamic_ncols=True)
     for alternation in progress:
         metrics = trainer.alternation(lower_stream, upper_stream)
+        if probe_stream is not None and (alternation + 1) % args.curvature_every == 0:
+            report = probe_next_batch(lower_model, probe_stream, args.curvature_iters, args.lam + args.cg_lam_dampening,
+                                      env.device, seed=args.seed + alternation)
+            metrics.update(report.metrics())
         if args.upper_level:  # without one the downstream model never changes: nothing to evaluate
             scores = evaluate(downstream_model, val_loader, env.device, splits.multilabel, dtype)
             metrics.update({f"val/{key}": value for key, value in scores.items()})

@@ -32,7 +32,14 @@ class GeneralConfig:
     model_dir: str = opt("./models/", "Folder where weights are read from and written to.")
     download_dataset: int = opt(0, "1: let torchvision download a missing dataset (where it can); 0: never download.", (0, 1))
     device: str = opt("auto", "auto = CUDA when available, else CPU.", ("auto", "cuda", "cpu"))
-    num_workers: int = opt(8, "DataLoader worker processes per rank (0 = load in the main process).")
+    num_workers: int = opt(-1, "DataLoader worker processes per rank. 0 = load in the main process, where a background "
+                           "thread prepares the next batches while the model computes; -1 = auto: 0 on CPU (the model "
+                           "step already uses every core), on CUDA the cores per GPU process minus one, at most 16 "
+                           "(README: Data loading).", at_least=-1)
+    prefetch_factor: int = opt(2, "Batches each worker process (or the --num-workers 0 thread) prepares ahead.", at_least=1)
+    channels_last: str = opt("auto", "Memory format of the backbones and their inputs: 1 = channels_last (NHWC, faster "
+                             "convolutions on GPUs), 0 = contiguous NCHW; auto = 1 on CUDA, 0 on CPU (no gain measured there).",
+                             ("auto", "0", "1"))
     world_size: int = opt(-1, "Informational: torchrun/Slurm set the real world size via the environment.", at_least=-1)
     dist_url: str = opt("env://", "Rendezvous for torch.distributed (env:// under torchrun; tcp://host:port under Slurm).")
     omp_num_threads: int = opt(0, "Threads per process for CPU ops (0 = leave PyTorch's/torchrun's choice).")
@@ -212,15 +219,15 @@ class ProbeConfig:
 
     arch: str = opt("resnet50", "Architecture of the backbone file.", ("resnet18", "resnet50"))
     cifar_stem: int = opt(0, "1: the backbone uses the CIFAR-style stem.", (0, 1))
-    img_size: int = opt(96, "Image side of the (deterministic, resize + centre crop) evaluation transform.")
+    img_size: int = opt(96, "Image side of the (deterministic, resize + centre crop) evaluation transform.", at_least=1)
     backbone_filename: str = opt("pretext_simclr_arch-resnet50_bb.pth", "Backbone weights in --model-dir (any format `source.weights convert` reads).")
     dset: str = opt("pets", "Downstream dataset: features of its train split are the kNN bank / probe training set.")
-    val_fraction: float = opt(0.2, "Share of each class held out for validation when no split file/official val split exists.")
+    val_fraction: float = opt(0.2, "Share of each class held out for validation when no split file/official val split exists.", above=0, below=1)
     max_eval_samples: int = opt(0, "Cap the val and test sets at this many samples (seeded, stratified; 0 = all).")
-    batch_size: int = opt(256, "Images per forward pass on each rank.")
-    knn_k: int = opt(20, "Neighbours of the weighted kNN classifier (20, as Wu et al. 2018 / DINO).")
-    knn_temperature: float = opt(0.07, "Temperature T of the kNN vote weights exp(cos / T) (0.07, as the SSL literature).")
+    batch_size: int = opt(256, "Images per forward pass on each rank.", at_least=1)
+    knn_k: int = opt(20, "Neighbours of the weighted kNN classifier (20, as Wu et al. 2018 / DINO).", at_least=1)
+    knn_temperature: float = opt(0.07, "Temperature T of the kNN vote weights exp(cos / T) (0.07, as the SSL literature).", above=0)
     linear_wd: str = opt("1e-6,1e-5,1e-4,1e-3,1e-2", "Comma-separated L2 penalties of the linear probe; the best on val is reported on test.")
-    linear_max_iter: int = opt(300, "L-BFGS iterations of the full-batch linear probe.")
+    linear_max_iter: int = opt(300, "L-BFGS iterations of the full-batch linear probe.", at_least=1)
     recalibrate_bn: int = opt(0, "1: re-estimate BatchNorm running statistics on the train split first (needed when they belong to other inputs, e.g. the published weights).", (0, 1))
     cache_dir: str = opt("", "Feature cache (default: <model-dir>/probe_cache); keyed by the backbone's content hash and the data settings.")
