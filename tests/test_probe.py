@@ -143,5 +143,7 @@ def test_probe_command_end_to_end_with_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(probe, "extract_features", no_forward)
     second = probe.main(probe.get_args_parser().parse_args(argv))
     assert {k: v for k, v in second.items() if k != "time_s"} == {k: v for k, v in first.items() if k != "time_s"}
-    with pytest.raises(ValueError, match="--knn-k must be >= 1"):
-        probe.main(probe.get_args_parser().parse_args([*argv, "--knn-k", "0"]))
+    with pytest.raises(ValueError, match="--linear-wd"):
+        probe.main(probe.get_args_parser().parse_args([*argv, "--linear-wd", "1e-3,x"]))
+    with pytest.raises(SystemExit):  # bounds are checked by the parser
+        probe.get_args_parser().parse_args([*argv, "--knn-k", "0"])
