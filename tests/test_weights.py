@@ -2,6 +2,7 @@
 layouts, file verification, fetch with the download replaced, and the convert command."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import pickle
 import sys
@@ -15,6 +16,7 @@ from source import weights
 from source.checkpoint import WeightsError, load_weights
 from source.models import Projector, build_backbone
 
+ROOT = Path(__file__).resolve().parents[1]
 ARCH = "resnet18"  # the small one keeps the files (and the tests) light
 
 
@@ -269,3 +271,37 @@ def test_convert_refuses_what_it_cannot_map_and_lists_the_keys(tmp_path, backbon
     torch.save(backbone_state, tmp_path / "r18.pth")
     assert weights.main(["convert", str(tmp_path / "r18.pth"), str(tmp_path / "out.pth"), "--arch", "resnet50"]) == 1
     assert "layer1.0.conv3.weight" in capsys.readouterr().err
+
+
+# --- the entry scripts load foreign layouts ----------------------------------------------------
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name.replace("-", "_").removesuffix(".py") + "_weights_test", ROOT / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fine_tuning_loads_a_ddp_backbone(tmp_path, backbone_state):
+    torch.save({"state_dict": prefixed(backbone_state, "module.")}, tmp_path / "ddp_bb.pth")
+    script = load_script("fine-tuning.py")
+    args = script.get_args_parser().parse_args(["--model-dir", str(tmp_path), "--pretrain-arch", ARCH,
+                                                "--pretrained-backbone-filename", "ddp_bb.pth"])
+    assert_same(script.load_pretrained_backbone(args), backbone_state)
+
+
+def test_bissl_loads_the_original_codes_byol_backbone_and_head(tmp_path, backbone_state):
+    # NeurIPS-code files: a backbone and one head file holding projector.* and predictor.*;
+    # the head file is passed as both the projector and the predictor file.
+    head = {**head_state("projector.", 512, "64-32"), **head_state("predictor.", 32, "64-32")}
+    torch.save(prefixed(backbone_state, "backbone."), tmp_path / "bb.pth")
+    torch.save(head, tmp_path / "head.pth")
+    script = load_script("bissl.py")
+    args = script.get_args_parser().parse_args([
+        "--model-dir", str(tmp_path), "--arch", ARCH, "--p-pretext-type", "byol", "--p-mlp", "64-32",
+        "--p-pretrained-backbone-filename", "bb.pth", "--p-pretrained-proj-filename", "head.pth",
+        "--p-pretrained-pred-filename", "head.pth"])
+    model = script.load_lower_model(args)
+    assert_same(model.backbone.state_dict(), backbone_state)
+    assert_same(model.projector.state_dict(), {k[10:]: v for k, v in head.items() if k.startswith("projector.")})
+    assert_same(model.predictor.state_dict(), {k[10:]: v for k, v in head.items() if k.startswith("predictor.")})
