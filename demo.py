@@ -51,11 +51,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 class Stages:
-    """Runs each stage once; remembers finished stages and their wall time in timings.json."""
+    """Runs each stage once; remembers finished stages and their wall time in timings.json.
+
+    The time of an interrupted or failed attempt is kept aside (attempts.json) and added to the
+    stage's time when it finishes, since the resumed stage only does the rest of the work.
+    """
 
     def __init__(self, out_dir: Path) -> None:
-        self.path = out_dir / "timings.json"
+        self.path, self.attempts_path = out_dir / "timings.json", out_dir / "attempts.json"
         self.timings: dict[str, float] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.attempts: dict[str, float] = json.loads(self.attempts_path.read_text()) if self.attempts_path.exists() else {}
 
     def run(self, name: str, command: list[str], done: Path, tag: str = "demo") -> None:
         if done.exists() and name in self.timings:
@@ -64,12 +69,16 @@ class Stages:
         print(f"\n[{tag}] {name}:\n  {' '.join(command)}", flush=True)
         start = time.perf_counter()
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        result = subprocess.run(command, cwd=ROOT, env=env)
-        # The time of an interrupted attempt counts too: the resumed stage only does the rest.
-        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
-        self.path.write_text(json.dumps(self.timings, indent=2))
+        try:
+            result = subprocess.run(command, cwd=ROOT, env=env)
+        finally:  # also when interrupted (Ctrl-C)
+            self.attempts[name] = self.attempts.get(name, 0.0) + time.perf_counter() - start
+            self.attempts_path.write_text(json.dumps(self.attempts, indent=2))
         if result.returncode != 0:
             sys.exit(f"[{tag}] {name} failed (exit {result.returncode}); fix the error above and rerun to resume")
+        self.timings[name] = self.attempts.pop(name)
+        self.path.write_text(json.dumps(self.timings, indent=2))
+        self.attempts_path.write_text(json.dumps(self.attempts, indent=2))
 
 
 def torchrun(nproc: int, script: str, *args: object) -> list[str]:

@@ -27,8 +27,8 @@ comes from ``source.compare``: per variant mean ± std over the seeds and the pa
 
 ``--scale demo`` uses ``demo.py``'s stage sizes (pre-training it first if ``--model-dir`` has no
 pre-trained weights); ``--scale paper`` uses the scripts' defaults (the paper's) and needs the
-pre-trained weights in ``--model-dir``. ``--bissl-args``/``--finetune-args`` are appended to the
-BiSSL and fine-tuning command lines of every variant (a flag given twice: the last one counts).
+pre-trained weights in ``--model-dir``. ``--pretrain-args``/``--bissl-args``/``--finetune-args`` are
+appended to the pre-training, BiSSL and fine-tuning command lines of every variant (a flag given twice: the last one counts).
 All variants are fine-tuned at the same (lr, wd), chosen by you; the paper's protocol tunes them
 per backbone (see the README, "Did BiSSL help?").
 """
@@ -127,6 +127,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dset", default="fashionmnist", help="paper scale: downstream dataset (default: fashionmnist)")
     parser.add_argument("--pretext-type", default="simclr", choices=("simclr", "byol"), help="paper scale (default: simclr)")
     parser.add_argument("--arch", default="resnet50", choices=("resnet18", "resnet50"), help="paper scale (default: resnet50)")
+    parser.add_argument("--pretrain-args", default="", help="demo scale: extra flags for the pre-training run")
     parser.add_argument("--bissl-args", default="", help="extra flags for every bissl.py run, e.g. \"--epochs 100\"")
     parser.add_argument("--finetune-args", default="", help="extra flags for every fine-tuning.py run, e.g. \"--lr 0.05 --wd 0.001\"")
     return parser
@@ -149,6 +150,7 @@ class Study:
         if self.pretext == "byol":
             self.pretext_files.append(f"pretext_byol_arch-{self.arch}_pred.pth")
         self.bissl_backbone = f"BiSSL-backbone_{self.pretext}_arch-{self.arch}_dset-{self.dset}.pth"
+        self.pretrain_extra = shlex.split(args.pretrain_args)
         self.bissl_extra = shlex.split(args.bissl_args)
         self.finetune_extra = shlex.split(args.finetune_args)
 
@@ -158,7 +160,8 @@ class Study:
         return ["--data-dir", self.data_dir, "--model-dir", model_dir, "--device", self.args.device, "--seed", 0]
 
     def pretrain_command(self) -> list[str]:
-        return demo.torchrun(self.args.nproc, "ssl_pre-training.py", *self.general(self.model_dir), *demo.pretrain_args())
+        return demo.torchrun(self.args.nproc, "ssl_pre-training.py", *self.general(self.model_dir), *demo.pretrain_args(),
+                             *self.pretrain_extra)
 
     def bissl_command(self, variant: Variant, model_dir: Path) -> list[str]:
         if self.args.scale == "demo":

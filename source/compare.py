@@ -132,10 +132,22 @@ def _defaults() -> dict:
     return {**dataclasses.asdict(cfg.GeneralConfig()), **dataclasses.asdict(cfg.FinetuneConfig())}
 
 
+def _input_hashes(run: Run) -> dict[str, str]:
+    """Content hashes of the run's input files (``inputs`` in config.json), the backbone's left out."""
+    inputs = run.config.get("inputs") or {}
+    return {label: digest for label, digest in inputs.items() if "pretrained-backbone" not in label}
+
+
+def backbone_hash(run: Run) -> str | None:
+    """sha256 of the fine-tuned backbone file, if the run recorded it."""
+    inputs = run.config.get("inputs") or {}
+    return next((digest for label, digest in inputs.items() if "pretrained-backbone" in label), None)
+
+
 def setting_differences(runs: Sequence[Run]) -> list[str]:
     """One line per trial-defining setting on which some run differs from the first (baseline)."""
     baseline, defaults = runs[0], _defaults()
-    ignored = set(NOT_COMPARED) | (set() if baseline.use_hpo else set(HPO_SETTINGS))
+    ignored = set(NOT_COMPARED) | {"inputs"} | (set() if baseline.use_hpo else set(HPO_SETTINGS))
     keys = sorted(set().union(*(run.config for run in runs)) - ignored)
     lines = []
     for key in keys:
@@ -144,6 +156,13 @@ def setting_differences(runs: Sequence[Run]) -> list[str]:
         if differing:
             shown = ", ".join(f"{run.config.get(key, defaults.get(key))!r} in {run.label}" for run in [baseline, *differing])
             lines.append(f"--{key.replace('_', '-')}: {shown}")
+    # Other input files (e.g. split files) must be the same files; runs that predate the record are not checked.
+    hashes = [_input_hashes(run) for run in runs]
+    for label in sorted(set.intersection(*(set(h) for h in hashes))):
+        differing = [run for run, h in zip(runs[1:], hashes[1:]) if h[label] != hashes[0][label]]
+        if differing:
+            lines.append(f"{label}: " + ", ".join(f"sha256 {h[label][:12]}... in {run.label}"
+                                                   for run, h in zip(runs, hashes) if run is baseline or run in differing))
     return lines
 
 
@@ -323,6 +342,13 @@ def markdown_report(runs: Sequence[Run], top_k: int = 5, extra_columns: dict[str
                          f"{_p(diff.p_value)} | {_p(diff.p_wilcoxon)} | {_p(diff.p_sign)} |")
         lines += ["", "Paired: same trial seeds (head initialisation, batch order, augmentations), n = number of pairs; "
                   "Welch: unpaired, n = both runs' trials. A CI that contains 0 means no difference was shown at this n."]
+    groups: dict[str, list[str]] = {}
+    for run in runs:
+        if backbone_hash(run):
+            groups.setdefault(backbone_hash(run), []).append(run.label)
+    for digest, labels in groups.items():
+        if len(labels) > 1:
+            lines += ["", f"Note: {', '.join(labels)} fine-tuned byte-identical backbone files (sha256 {digest[:12]}...)."]
     failed = [f"{run.label}: {run.failed}" for run in runs if run.failed]
     if failed:
         lines += ["", "Failed (diverged) trials left out: " + ", ".join(failed) + "."]

@@ -164,6 +164,20 @@ def test_mismatched_runs_are_refused_naming_the_settings(tmp_path, capsys):
     assert "(baseline)" in markdown_report([load_run(baseline), load_run(older)])
 
 
+def test_recorded_input_hashes_other_than_the_backbone_must_agree(tmp_path):
+    scores = {seed: BASELINE[seed] for seed in range(8)}
+    backbone, split = "content of --pretrained-backbone-filename", "content of the train split file"
+    baseline = write_run(tmp_path / "a", scores, inputs={backbone: "1" * 64, split: "2" * 64})
+    same_backbone = write_run(tmp_path / "b", scores, inputs={backbone: "1" * 64, split: "2" * 64})
+    other_split = write_run(tmp_path / "c", scores, inputs={backbone: "3" * 64, split: "4" * 64})
+    report = markdown_report([load_run(baseline), load_run(same_backbone)])
+    assert "a, b fine-tuned byte-identical backbone files (sha256 111111111111...)" in report
+    with pytest.raises(ValueError, match="content of the train split file: sha256 222222222222... in a, sha256 444444444444... in c"):
+        markdown_report([load_run(baseline), load_run(other_split)])
+    older = write_run(tmp_path / "d", scores)  # predates the record: not checked
+    assert "byte-identical" not in markdown_report([load_run(baseline), load_run(older)])
+
+
 def test_failed_trials_are_left_out(tmp_path):
     run = load_run(write_run(tmp_path / "a", {0: 50.0, 1: 52.0}, failed=(2,)))
     assert run.failed == 1 and sorted(run.scores("test_final")) == [0, 1]
