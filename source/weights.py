@@ -410,31 +410,35 @@ class FetchError(RuntimeError):
     """The published folder could not be downloaded; the message says what to do instead."""
 
 
-GDOWN_FOLDER_LIMIT = 50  # gdown lists at most this many files per Drive folder
+# Older gdown versions list at most 50 files per Drive folder unless remaining_ok=True (and then
+# still only the first 50); newer ones have no limit but can resume and retry.
+GDOWN_FOLDER_LIMIT = 50
+GDOWN_OPTIONS = {"resume": True, "retries": 2, "remaining_ok": True}
 
 
 def download_published(model_dir: Path, url: str = PUBLISHED_FOLDER_URL) -> None:
-    """Download the Google Drive folder ``url`` into ``model_dir`` with gdown (files already
-    there are kept where gdown can resume). gdown is optional and imported only here."""
+    """Download the Google Drive folder ``url`` into ``model_dir`` with gdown (complete files
+    already there are skipped where gdown can resume). gdown is optional and imported only here."""
     try:
         import gdown
     except ImportError:
         raise FetchError("fetching needs the optional package gdown: pip install gdown "
                          "(or pip install -r requirements-dev.txt)") from None
-    kwargs: dict[str, Any] = {"url": url, "output": str(model_dir), "quiet": False, "remaining_ok": True}
-    if "resume" in inspect.signature(gdown.download_folder).parameters:
-        kwargs["resume"] = True
+    supported = inspect.signature(gdown.download_folder).parameters
+    kwargs = {"url": url, "output": str(model_dir), "quiet": False}
+    kwargs.update({name: value for name, value in GDOWN_OPTIONS.items() if name in supported})
     how_else = (f"download the folder in a browser from {url} into {model_dir}, then run "
                 f"`python -m source.weights verify --model-dir {model_dir}`")
     try:
         files = gdown.download_folder(**kwargs)
     except Exception as error:  # network, Drive quota or page-format errors surface as many types
         raise FetchError(f"gdown could not download {url}: {error}\nOffline or rate-limited by Google Drive? "
-                         f"Try again later, or {how_else}") from error
-    if files is None:
+                         f"Try again later (files that arrived are kept), or {how_else}") from error
+    if files is None:  # older gdown versions report failure this way
         raise FetchError(f"gdown could not download {url} (see its messages above); {how_else}")
-    if len(files) >= GDOWN_FOLDER_LIMIT:
-        logger.warning("gdown fetches at most %d files per Drive folder; if a file is missing, %s", GDOWN_FOLDER_LIMIT, how_else)
+    if "remaining_ok" in supported and len(files) >= GDOWN_FOLDER_LIMIT:
+        logger.warning("this gdown version fetches at most %d files per Drive folder (pip install -U gdown); "
+                       "if a file is missing, %s", GDOWN_FOLDER_LIMIT, how_else)
 
 
 def _weight_files(model_dir: Path) -> dict[Path, int]:
@@ -459,13 +463,20 @@ def fetch(model_dir: Path, url: str = PUBLISHED_FOLDER_URL) -> int:
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     before = _weight_files(model_dir)
-    download_published(model_dir, url)
+    failure = None
+    try:
+        download_published(model_dir, url)
+    except FetchError as error:  # still list and check what did arrive
+        failure = error
     after = _weight_files(model_dir)
     arrived = sorted(path for path, size in after.items() if before.get(path) != size)
     print(f"{len(arrived)} new or changed file(s) in {model_dir}:")
     for path in arrived:
         print(f"  {path.relative_to(model_dir).as_posix()} ({after[path] / 2**20:.1f} MiB)")
-    return _verify_and_print(model_dir)
+    status = _verify_and_print(model_dir) if after else 1
+    if failure is not None:
+        raise failure
+    return status
 
 
 def _verify_and_print(model_dir: Path) -> int:

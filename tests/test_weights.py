@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import pickle
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -239,6 +240,32 @@ def test_fetch_fails_on_a_broken_download(tmp_path, monkeypatch, capsys, backbon
     }))
     assert weights.fetch(tmp_path) == 1
     assert f"BAD  pretext_simclr_arch-{ARCH}_bb.pth: cannot be loaded with weights_only=True" in capsys.readouterr().out
+
+
+def test_fetch_calls_gdown_with_what_its_version_supports(tmp_path, monkeypatch, capsys, backbone_state):
+    calls = []
+
+    def download_folder(url=None, id=None, output=None, quiet=False, resume=False):  # gdown 6: no remaining_ok
+        calls.append(dict(url=url, output=output, resume=resume))
+        torch.save(backbone_state, Path(output) / f"pretext_simclr_arch-{ARCH}_bb.pth")
+        return [str(Path(output) / f"pretext_simclr_arch-{ARCH}_bb.pth")]
+
+    monkeypatch.setitem(sys.modules, "gdown", types.SimpleNamespace(download_folder=download_folder))
+    assert weights.main(["fetch", "--model-dir", str(tmp_path)]) == 0
+    assert calls == [dict(url=weights.PUBLISHED_FOLDER_URL, output=str(tmp_path), resume=True)]
+    assert f"ok   pretext_simclr_arch-{ARCH}_bb.pth: {ARCH} backbone" in capsys.readouterr().out
+
+
+def test_fetch_reports_a_failed_download_after_checking_what_arrived(tmp_path, monkeypatch, capsys, backbone_state):
+    def download_folder(url=None, output=None, quiet=False):
+        torch.save(backbone_state, Path(output) / f"pretext_simclr_arch-{ARCH}_bb.pth")
+        raise OSError("Failed to download the following files: ...")
+
+    monkeypatch.setitem(sys.modules, "gdown", types.SimpleNamespace(download_folder=download_folder))
+    assert weights.main(["fetch", "--model-dir", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert f"ok   pretext_simclr_arch-{ARCH}_bb.pth" in captured.out
+    assert "gdown could not download" in captured.err and "in a browser" in captured.err
 
 
 def test_fetch_without_gdown_says_how_to_get_it(tmp_path, monkeypatch):
