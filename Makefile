@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA_DIR ?= data
+MODEL_DIR ?= models
 
-.PHONY: demo test setup data bench clean-demo lint
+.PHONY: demo test setup data bench clean-demo lint fetch-weights
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +34,9 @@ bench: setup
 lint: setup
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m ruff check .
+
+# The paper's published weights (Google Drive, via the optional gdown) into $(MODEL_DIR), verified;
+# prints the bissl.py / fine-tuning.py commands that use them.
+fetch-weights: setup
+	$(PY) -m pip install -q $$(grep -o '^gdown[^ ]*' requirements-dev.txt)
+	$(PY) -m source.weights fetch --model-dir $(MODEL_DIR)
