@@ -341,9 +341,15 @@ def verify_file(path: Path, name: WeightsName | None = None) -> Check:
         return Check(path, name, False, f"does not match its name ({name.role}, {name.arch}): {error}")
 
 
+# Sub-folders of --model-dir that hold run checkpoints and probe features, not weights.
+NOT_WEIGHTS_DIRS = ("runs", "probe_cache")
+
+
 def verify_folder(model_dir: Path) -> list[Check]:
-    """:func:`verify_file` on every ``*.pth`` under ``model_dir`` (recursively, sorted)."""
-    return [verify_file(path) for path in sorted(Path(model_dir).rglob("*.pth")) if "runs" not in path.relative_to(model_dir).parts]
+    """:func:`verify_file` on every ``*.pth`` under ``model_dir`` (recursively, sorted), except
+    those in :data:`NOT_WEIGHTS_DIRS`."""
+    paths = sorted(Path(model_dir).rglob("*.pth"))
+    return [verify_file(path) for path in paths if not set(path.relative_to(model_dir).parts) & set(NOT_WEIGHTS_DIRS)]
 
 
 # --- commands that use the files ---------------------------------------------------------
@@ -389,6 +395,9 @@ def usage_commands(checks: list[Check], model_dir: Path) -> list[str]:
         lines.append(f"torchrun --nproc-per-node 4 fine-tuning.py --dset '{EXAMPLE_DSET}' --pretrained-backbone-filename '{rel}'"
                      f" --backbone-origin 'pretext'{_flag('pretrain-arch', arch, cfg.FinetuneConfig.pretrain_arch)}"
                      f"{_flag('pretrain-cifar-stem', 1, 0) if backbone.cifar_stem else ''} --num-runs 100 --use-hpo 1{dir_flag}")
+        # BN recalibration: the published backbones' statistics belong to the original's x255 inputs.
+        lines.append(f"python -m source.probe --dset '{EXAMPLE_DSET}' --backbone-filename '{rel}'"
+                     f"{_flag('arch', arch, cfg.ProbeConfig.arch)}{stem} --recalibrate-bn 1{dir_flag}")
     for check in good:
         name = check.name
         if name.origin != "bissl" or name.role != "backbone":
