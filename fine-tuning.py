@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from source.data import (
     downstream_train_transform,
     subsample,
 )
-from source.distributed import DistEnv, broadcast_object, cleanup_distributed, seed_everything
+from source.distributed import DistEnv, broadcast_object, cleanup_distributed, gather_objects, seed_everything
 from source.finetune import STATUS_OK, fine_tune, score_name
 from source.hpo import (
     RESULTS_FILENAME,
@@ -57,7 +56,7 @@ from source.hpo import (
     summary_table,
 )
 from source.models import Classifier, build_backbone
-from source.runtime import amp_dtype, run_directory, start
+from source.runtime import amp_dtype, changed_settings, check_settings_unchanged, open_run_dir, run_directory, start
 from source.tracking import MetricsWriter
 
 logger = logging.getLogger("fine-tuning")
@@ -69,16 +68,13 @@ trial_logger = logging.getLogger("fine-tuning.trials")
 # default process group would abort that wait after its 30-minute timeout.
 END_OF_SWEEP_TIMEOUT = datetime.timedelta(days=7)
 
-# Flags that decide what a trial computes (the (lr, wd) flags of the mode in use included).
-# Continuing a results file written with other values would mix incomparable rows, so that is
-# refused (``--resume 0`` starts over instead). Device, AMP and worker flags may change.
-TRIAL_DEFINING_FLAGS = (
-    "seed", "dset", "val_fraction", "max_train_samples", "max_eval_samples", "backbone_origin", "pretrain_arch",
-    "pretrain_cifar_stem", "pretrain_img_size", "pretrain_img_crop_min_ratio", "pretrained_backbone_filename",
-    "use_hpo", "batch_size", "epochs", "optimizer_momentum", "crop_as_original", "multilabel_loss",
-)
+# Flags that may change between reruns of a sweep without changing any trial: --num-runs (a
+# rerun with a larger value extends the sweep) and the (lr, wd) flags of the mode NOT in use.
+# Every other flag (see source.runtime.RESULT_NEUTRAL_FLAGS) must match the results file's.
+EXTENSIBLE_FLAGS = ("num_runs",)
 HPO_FLAGS = ("hpo_lr_min", "hpo_lr_max", "hpo_wd_min", "hpo_wd_max")
 SEED_RUN_FLAGS = ("lr", "wd")
+BACKBONE_IDENTITY = "content of --pretrained-backbone-filename"
 METRIC_LABELS = {"top1": "top-1 (%)", "map": "mAP (%)"}
 
 
@@ -118,34 +114,29 @@ def load_splits(args: argparse.Namespace) -> DownstreamSplits:
 def load_pretrained_backbone(args: argparse.Namespace) -> dict[str, Tensor]:
     """The backbone state_dict from ``--model-dir``, checked strictly against ``--pretrain-arch``/``--pretrain-cifar-stem``."""
     backbone, _ = build_backbone(args.pretrain_arch, cifar_stem=bool(args.pretrain_cifar_stem))
-    ckpt.load_weights(backbone, Path(args.model_dir) / args.pretrained_backbone_filename, f"{args.backbone_origin} backbone")
+    ckpt.load_weights(backbone, Path(args.model_dir) / args.pretrained_backbone_filename, f"{args.backbone_origin} backbone",
+                      flags="--pretrain-arch / --pretrain-cifar-stem")
     return backbone.state_dict()
 
 
-def check_run_config(args: argparse.Namespace, run_dir: Path) -> None:
-    """Refuse to continue a results file whose trials were computed with other settings."""
+def check_run_config(args: argparse.Namespace, run_dir: Path, inputs: dict[str, str]) -> None:
+    """Refuse to continue a results file whose trials were computed with other settings or from
+    another backbone file (its content hash), so two backbones' trials never share a table."""
     path = run_dir / "config.json"
     if not args.resume or not path.is_file():
         return
     saved = json.loads(path.read_text())
-    flags = TRIAL_DEFINING_FLAGS + (HPO_FLAGS if args.use_hpo else SEED_RUN_FLAGS)
-    changed = [f"--{key.replace('_', '-')}: {saved.get(key)!r} in the run, {getattr(args, key)!r} now"
-               for key in flags if saved.get(key) != getattr(args, key)]
-    if changed:
-        raise ValueError(
-            f"{run_dir} holds trials made with other settings ({'; '.join(changed)}). Pass --resume 0 to start over "
-            "(the old results are kept under another name) or --run-dir to use another folder."
-        )
+    unused = SEED_RUN_FLAGS if args.use_hpo else HPO_FLAGS
+    changes = changed_settings(saved, args, get_args_parser(), may_change=EXTENSIBLE_FLAGS + unused,
+                               saved_inputs=saved.get("inputs"), inputs=inputs)
+    check_settings_unchanged(run_dir, changes)
 
 
-def prepare_run_dir(args: argparse.Namespace, run_dir: Path, results: ResultsFile) -> None:
-    """Rank 0: with ``--resume 0`` move old results aside (nothing is deleted); record the settings."""
-    if not args.resume and results.path.exists():
-        old = results.path.with_name(f"{results.path.name}.{time.strftime('%Y%m%d-%H%M%S')}.old")
-        os.replace(results.path, old)
-        logger.info("--resume 0: moved the previous results to %s", old)
-    if not args.resume or not (run_dir / "config.json").is_file():
-        ckpt.write_json_atomic(vars(args), run_dir / "config.json")
+def prepare_run_dir(args: argparse.Namespace, run_dir: Path, inputs: dict[str, str]) -> None:
+    """Rank 0: record the settings and the backbone's identity (an earlier run was already moved
+    aside by ``open_run_dir`` with ``--resume 0``)."""
+    if not (run_dir / "config.json").is_file():
+        ckpt.write_json_atomic({**vars(args), "inputs": inputs}, run_dir / "config.json")
 
 
 def eval_loader(dataset: Dataset, args: argparse.Namespace, device: torch.device, persistent: bool) -> DataLoader:
@@ -226,6 +217,8 @@ def main(args: argparse.Namespace) -> None:
     trial_logger.setLevel(logging.INFO)
     run_dir = run_directory(args, run_name(args))
     dtype = amp_dtype(args.amp, env.device)
+    run_lock = open_run_dir(args, env, run_dir, output_prefixes=(
+        f"finetuned_{args.backbone_origin}_{backbone_stem(args)}_dset-{args.dset}_trial-",))
     # gloo honours a per-group timeout for a barrier on every device type (see END_OF_SWEEP_TIMEOUT).
     end_group = dist.new_group(backend="gloo", timeout=END_OF_SWEEP_TIMEOUT) if env.distributed else None
 
@@ -236,14 +229,18 @@ def main(args: argparse.Namespace) -> None:
     if len(train_set) < args.batch_size:
         raise ValueError(f"the train split has {len(train_set)} images, fewer than one batch (--batch-size {args.batch_size})")
     pretrained = load_pretrained_backbone(args)
+    inputs = {BACKBONE_IDENTITY: ckpt.file_sha256(Path(args.model_dir) / args.pretrained_backbone_filename)}
+    if len(set(gather_objects(inputs[BACKBONE_IDENTITY]))) > 1:  # e.g. nodes with different copies of the file
+        raise RuntimeError(f"the ranks read different {args.pretrained_backbone_filename} files (content differs); "
+                           "every rank must fine-tune the same backbone")
     metric = score_name(splits.multilabel)
     logger.info("%s: %d train / %d val / %d test images, %d classes; backbone %s (%s)", args.dset, len(train_set),
                 len(val_set), len(test_set), splits.num_classes, args.pretrained_backbone_filename, args.backbone_origin)
 
     results = ResultsFile(run_dir / RESULTS_FILENAME)
-    check_run_config(args, run_dir)
+    check_run_config(args, run_dir, inputs)
     if env.is_main:
-        prepare_run_dir(args, run_dir, results)
+        prepare_run_dir(args, run_dir, inputs)
     # Rank 0 reads the finished trials and sends them to all, so every rank shards the same list
     # (and no rank can see a row that another one appended in the meantime).
     finished = broadcast_object(results.finished_trials() if env.is_main else None)
@@ -269,9 +266,18 @@ def main(args: argparse.Namespace) -> None:
 
     if end_group is not None:
         dist.barrier(group=end_group)
+    failed_sweep = None
     if env.is_main:
-        print(report(args, run_dir, results.rows(), metric), flush=True)
+        rows = [row for row in results.rows() if int(row["trial"]) < args.num_runs]
+        print(report(args, run_dir, rows, metric), flush=True)
+        if rows and all(row.get("status", STATUS_OK) != STATUS_OK for row in rows):
+            failed_sweep = (f"every one of the {len(rows)} finished trials failed (see {run_dir / 'summary.txt'}); "
+                            "no result to report")
+    if run_lock is not None:
+        run_lock.release()
     cleanup_distributed()
+    if failed_sweep is not None:
+        raise SystemExit(f"fine-tuning: {failed_sweep}")
 
 
 if __name__ == "__main__":

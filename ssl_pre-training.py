@@ -19,12 +19,20 @@ import config_default as cfg
 from source import checkpoint as ckpt
 from source.cli import build_parser
 from source.data import build_pretext_dataset, pretext_transform, subsample
-from source.distributed import DistEnv, barrier, cleanup_distributed, parameter_fingerprints
+from source.distributed import DistEnv, barrier, check_ranks_identical, cleanup_distributed, parameter_fingerprints
 from source.engine import make_grad_scaler, train_pretext_epoch
 from source.models import build_backbone
 from source.optim import build_optimizer, warmup_cosine_scheduler
 from source.pretext import BYOL, build_pretext_model, byol_decay, pretext_head_modules
-from source.runtime import amp_dtype, per_rank_batch_size, run_directory, start
+from source.runtime import (
+    amp_dtype,
+    changed_settings,
+    check_settings_unchanged,
+    open_run_dir,
+    per_rank_batch_size,
+    run_directory,
+    start,
+)
 from source.tracking import MetricsWriter
 
 logger = logging.getLogger("ssl_pre-training")
@@ -63,6 +71,7 @@ def main(args: argparse.Namespace) -> None:
     env = start(args)
     per_rank_batch_size(args.batch_size, env.world_size)  # fail before touching data
     run_dir = run_directory(args, f"{output_stem(args)}_dset-{args.dset}")
+    run_lock = open_run_dir(args, env, run_dir, output_prefixes=(f"{output_stem(args)}_",))
     loader, sampler = build_loader(args, env)
     backbone, feat_dim = build_backbone(args.arch, cifar_stem=bool(args.cifar_stem), zero_init_residual=bool(args.zero_init_residual))
     model = build_pretext_model(args.pretext_type, backbone, feat_dim, args.mlp, args.temperature).to(env.device)
@@ -83,7 +92,8 @@ def main(args: argparse.Namespace) -> None:
     start_epoch = 0
     checkpoint_path = run_dir / "checkpoint.pth"
     if args.resume and checkpoint_path.is_file():
-        state = ckpt.load_file(checkpoint_path)
+        state = ckpt.load_checkpoint(checkpoint_path, ("model", "optimizer", "scheduler", "scaler", "epoch", "rng", "args"))
+        check_settings_unchanged(run_dir, changed_settings(state["args"], args, get_args_parser()))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -97,6 +107,8 @@ def main(args: argparse.Namespace) -> None:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None
         )
+    # DDP copied rank 0's weights to every rank; a resumed model came from one file.
+    check_ranks_identical({"model": model}, "at the start")
     after_step = None
     if isinstance(model, BYOL):
         def after_step(step: int) -> None:
@@ -115,6 +127,10 @@ def main(args: argparse.Namespace) -> None:
         )
         writer.log({"epoch/loss": mean_loss, "epoch": epoch}, global_step)
         logger.info("epoch %d/%d: loss %.4f", epoch + 1, args.epochs, mean_loss)
+        # Never checkpoint a diverged model; BN statistics are per rank under DDP on CPU, so only
+        # the parameters must agree.
+        ckpt.check_healthy({"model": model}, f"in epoch {epoch + 1}", cfg.MAX_TENSOR_RMS)
+        check_ranks_identical({"model": model}, f"after epoch {epoch + 1}", include_buffers=False)
         rng_states = ckpt.all_rank_rng_states()
         if env.is_main:
             ckpt.save_atomic({
@@ -139,6 +155,8 @@ def main(args: argparse.Namespace) -> None:
         logger.info("wrote %s", ", ".join(str(p) for p in sorted(model_dir.glob(f"{stem}_*"))))
     writer.close()
     barrier()
+    if run_lock is not None:
+        run_lock.release()
     cleanup_distributed()
 
 

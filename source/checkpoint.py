@@ -13,6 +13,7 @@ import pickle
 import random
 import re
 import shutil
+import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
@@ -135,8 +136,10 @@ def _load_problem(path: Path) -> tuple[Any, str | None]:
     try:
         return load_file(path), None
     except pickle.UnpicklingError:
-        return None, ("it holds Python objects that only load by executing code, which is refused "
-                      "(weights_only=True): it was not written by this project")
+        if zipfile.is_zipfile(path):  # a complete torch.save file whose pickle needs more than tensors
+            return None, ("it holds Python objects that only load by executing code, which is refused "
+                          "(weights_only=True): it was not written by this project")
+        return None, f"it is not a PyTorch file ({size} bytes; corrupt, truncated or another kind of file)"
     except Exception as error:  # zip/stream errors of a truncated or overwritten file
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         return None, f"it is not a readable PyTorch file ({size} bytes; corrupt or truncated: {reason})"

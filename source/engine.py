@@ -23,8 +23,9 @@ class NonFiniteLossError(RuntimeError):
 def check_finite(loss_value: float, where: str) -> None:
     if not math.isfinite(loss_value):
         raise NonFiniteLossError(
-            f"non-finite loss ({loss_value}) {where}; stopping. The last checkpoint is intact: "
-            "lower the learning rate or disable AMP (--amp none) and rerun to resume."
+            f"non-finite loss ({loss_value}) {where}; stopping. The last checkpoint is intact: rerun with "
+            "--amp none to continue it in full precision, or start over with a lower learning rate (--resume 0 or "
+            "another --run-dir; a run never continues with a changed learning rate)."
         )
 
 

@@ -25,6 +25,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import config_default as cfg
+from source.checkpoint import unhealthy_tensors
 from source.engine import make_grad_scaler
 from source.evaluation import evaluate
 from source.losses import downstream_criterion
@@ -193,6 +195,9 @@ def fine_tune(
             val_scores = evaluate(model, val_loader, device, multilabel, amp_dtype, distributed=False)
             if not math.isfinite(val_scores["loss"]):
                 raise TrialDiverged(f"non-finite validation loss ({val_scores['loss']}) after epoch {epoch}")
+            # Weights can explode while BatchNorm keeps the loss finite: that is a divergence too.
+            if problems := unhealthy_tensors({"model": model}, cfg.MAX_TENSOR_RMS):
+                raise TrialDiverged(f"diverged weights after epoch {epoch}: {'; '.join(problems[:3])}")
             metrics = {"epoch": epoch, "train/loss": train_loss, "train/lr": lr_at_start,
                        **{f"val/{key}": value for key, value in val_scores.items()}}
             result.history.append(metrics)

@@ -43,10 +43,18 @@ class MetricsWriter:
             id_file = Path(run_dir) / "wandb_id.txt"
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
-            self.wandb_run = wandb.init(
-                project=wandb_project, mode=wandb_mode, id=run_id, resume="allow",
-                dir=str(run_dir), config=config, name=Path(run_dir).name,
-            )
+            try:
+                self.wandb_run = wandb.init(
+                    project=wandb_project, mode=wandb_mode, id=run_id, resume="allow",
+                    dir=str(run_dir), config=config, name=Path(run_dir).name,
+                )
+            except wandb.errors.UsageError as error:
+                reason = ("there is no wandb API key on this machine" if "api key" in str(error).lower()
+                          else f"wandb refused: {error}")
+                raise RuntimeError(
+                    f"--wandb-project {wandb_project} with --wandb-mode {wandb_mode}: {reason}. Run `wandb login` "
+                    "(or set WANDB_API_KEY), or pass --wandb-mode offline to log locally and `wandb sync` later."
+                ) from None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.enabled:
