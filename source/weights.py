@@ -8,12 +8,13 @@ Every file is read with ``torch.load(..., weights_only=True)``: nothing here exe
 a weights file.
 
 :func:`normalize_state_dict` is the one place that maps foreign key layouts onto our modules. It
-is used by ``convert`` and by :func:`source.checkpoint.load_weights` (so the three entry scripts
-load a converted and an unconverted file alike):
+is used by ``convert`` and by :func:`source.checkpoint.load_weights` (so ``bissl.py``,
+``fine-tuning.py`` and the probe load a converted and an unconverted file alike):
 
 - wrappers: ``{"state_dict": ...}`` (Lightning, MoCo), ``{"model": ...}``, ``{"module": ...}``;
 - prefixes: ``module.`` (DDP), ``_orig_mod.`` (torch.compile), ``model.``, ``backbone.``,
-  ``encoder.``, ``head.``, ``projector.``, ``predictor.`` and chains of them. When a file holds
+  ``encoder.``, ``encoder_q.``/``base_encoder.`` (MoCo), ``head.``, ``projector.``, ``predictor.``
+  and chains of them. When a file holds
   several sub-models (solo-learn: ``backbone.*`` + ``projector.*`` + ``classifier.*``; the
   original NeurIPS code's BYOL head: ``projector.*`` + ``predictor.*``) the one whose keys are
   exactly the target module's is taken and the rest is reported as dropped;
