@@ -284,7 +284,7 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
         features = {split: (stored[f"{split}_features"], stored[f"{split}_labels"]) for split in SPLITS} if env.is_main else {}
     else:
         backbone, _ = build_backbone(args.arch, cifar_stem=bool(args.cifar_stem))
-        ckpt.load_weights(backbone, weights_path, "probe backbone")
+        ckpt.load_weights(backbone, weights_path, "probe backbone", flags="--arch / --cifar-stem")
         backbone.to(env.device)
 
         def loader(dataset: Dataset) -> DataLoader:
