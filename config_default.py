@@ -67,6 +67,10 @@ UPPER_STEPS_WHOLE_PASSES_HELP = (
     "floor(N_U / batches) whole passes over it instead of N_U steps; 0: always N_U steps (as the NeurIPS code; "
     "the two agree on the paper's datasets)."
 )
+WARMUP_UPDATE_BN_HELP = (
+    "1: as the original, the head warmup's train-mode passes also update the frozen backbone's BN running statistics "
+    "(used only by the eval-mode val scores of the upper model, not by training); 0: its state_dict stays bit-identical."
+)
 
 # Shared by pre-training and the BiSSL lower level.
 LARS_ETA = 0.001  # LARS trust coefficient (You et al., 2017), as the paper.
@@ -122,6 +126,7 @@ class BisslConfig:
     d_momentum: float = opt(0.9, "Upper-level SGD momentum.", at_least=0, below=1)
     d_optimizer: str = opt("sgd", "Upper-level optimizer.", ("sgd",))
     d_linear_warmup_epochs: int = opt(20, "Epochs of training the downstream head alone (backbone frozen) before the alternations.")
+    d_linear_warmup_update_bn: int = opt(0, WARMUP_UPDATE_BN_HELP, (0, 1))
     multilabel_loss: str = opt("bce", MULTILABEL_LOSS_HELP, ("bce", "ce"))
     max_eval_samples: int = opt(0, "Cap the downstream val set at this many samples (seeded, stratified; 0 = all). For smoke runs.")
     d_max_train_samples: int = opt(0, "Cap the downstream training set (stratified, seeded; 0 = --max-train-samples), e.g. K labels per class.")

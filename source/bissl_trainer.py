@@ -20,6 +20,7 @@ averaged over ranks after each alternation.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,7 +107,7 @@ class BisslTrainer:
 
     # ---------------------------------------------------------------------------------------
     def warmup_head(self, stream: BatchStream, steps: int, optimizer: torch.optim.Optimizer,
-                    writer: MetricsWriter, show_progress: bool) -> None:
+                    writer: MetricsWriter, show_progress: bool, update_bn_statistics: bool = False) -> None:
         """Train the head φ alone on frozen upper-backbone features.
 
         The backbone runs in TRAIN mode (BatchNorm normalises with the batch's statistics), as in
@@ -115,7 +116,13 @@ class BisslTrainer:
         weights whose statistics belong to other inputs (the published backbones, pre-trained on
         inputs 255x larger) are nearly constant. No gradients reach the backbone, and its BN
         running statistics and counters are restored after each forward pass, so its whole
-        ``state_dict`` stays bit-identical (the original let the warmup update them).
+        ``state_dict`` stays bit-identical.
+
+        ``update_bn_statistics`` (the original's behaviour) lets these passes update θ_D's BN
+        running statistics instead (averaged over ranks at the end). Training is the same either
+        way -- every later pass through θ_D runs in train mode -- but the statistics are what the
+        eval-mode val evaluation of the upper model uses; left at the pretext ones, they make its
+        scores understate the model until the upper steps have replaced them.
         """
         from tqdm import tqdm
 
@@ -124,7 +131,8 @@ class BisslTrainer:
         for step in tqdm(range(steps), desc="head warmup", disable=not show_progress, leave=False):
             images, targets = next(stream)
             images, targets = self._to_device(images), self._to_device(targets)
-            with torch.no_grad(), self._autocast(), preserved_buffers(self.upper_backbone):
+            keep_buffers = contextlib.nullcontext() if update_bn_statistics else preserved_buffers(self.upper_backbone)
+            with torch.no_grad(), self._autocast(), keep_buffers:
                 features = self.upper_backbone(images)
             with self._autocast():
                 loss = self.criterion(self.head(features.float()), targets)
@@ -136,6 +144,8 @@ class BisslTrainer:
             optimizer.step()
             if (step + 1) % 10 == 0 or step + 1 == steps:
                 writer.log({"warmup/loss": loss_value}, step)
+        if update_bn_statistics:
+            all_reduce_buffers_(self.upper_backbone)  # per-rank batches: make every rank's statistics the same
 
     # ---------------------------------------------------------------------------------------
     def lower_step(self, view1: torch.Tensor, view2: torch.Tensor) -> dict[str, float]:

@@ -50,7 +50,7 @@ def test_switches_default_to_this_project_and_zero_init_to_the_original():
     p, b, f = cfg.PretrainConfig(), cfg.BisslConfig(), cfg.FinetuneConfig()
     assert (p.crop_as_original, b.crop_as_original, f.crop_as_original) == (0, 0, 0)
     assert (b.multilabel_loss, f.multilabel_loss) == ("bce", "bce")
-    assert (b.upper_steps_whole_passes, p.zero_init_residual) == (0, 1)
+    assert (b.upper_steps_whole_passes, b.d_linear_warmup_update_bn, p.zero_init_residual) == (0, 0, 1)
 
 
 def test_every_field_has_help():

@@ -84,6 +84,24 @@ def test_head_warmup_leaves_the_whole_backbone_state_dict_bit_identical(tmp_path
     assert trainer.upper_backbone.training  # the upper steps that follow run in train mode
 
 
+def test_head_warmup_as_original_updates_only_the_bn_running_statistics(tmp_path):
+    trainer = warmup_trainer()
+    before = {key: value.clone() for key, value in trainer.upper_backbone.state_dict().items()}
+    batches = downstream_batches(3)
+    trainer.warmup_head(iter(batches), 3, torch.optim.SGD(trainer.head.parameters(), lr=0.5),
+                        MetricsWriter(tmp_path, False, {}), show_progress=False, update_bn_statistics=True)
+    after = trainer.upper_backbone.state_dict()
+    expected_mean = before["2.running_mean"].clone()
+    with torch.no_grad():  # three train-mode passes with BN momentum 0.1, as the original's warmup
+        for images, _ in batches:
+            hidden = before["1.weight"] @ images.flatten(1).T + before["1.bias"][:, None]
+            expected_mean = 0.9 * expected_mean + 0.1 * hidden.mean(dim=1)
+    torch.testing.assert_close(after["2.running_mean"], expected_mean)
+    assert int(after["2.num_batches_tracked"]) == int(before["2.num_batches_tracked"]) + 3
+    for key in ("1.weight", "1.bias", "2.weight", "2.bias"):  # parameters untouched
+        assert torch.equal(before[key], after[key]), key
+
+
 # ---------------------------------------------------------------------------------------------
 # --crop-as-original
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +239,7 @@ def test_upper_steps_per_alternation(num_iter, batches, whole_passes, expected):
 
 @pytest.mark.parametrize("script, flags", [
     ("ssl_pre-training.py", ["--crop-as-original", "--zero-init-residual"]),
-    ("bissl.py", ["--crop-as-original", "--multilabel-loss", "--upper-steps-whole-passes"]),
+    ("bissl.py", ["--crop-as-original", "--multilabel-loss", "--upper-steps-whole-passes", "--d-linear-warmup-update-bn"]),
     ("fine-tuning.py", ["--crop-as-original", "--multilabel-loss"]),
 ])
 def test_help_lists_the_switches_with_what_the_original_did(script, flags):
