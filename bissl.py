@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ from source.data import (
 )
 from source.data.stream import BatchStream
 from source.distributed import barrier, broadcast_module_, check_ranks_identical, cleanup_distributed
+from source.engine import memory_format
 from source.evaluation import ShardedEvalSampler, evaluate
 from source.losses import downstream_criterion
 from source.models import build_backbone
@@ -138,20 +140,22 @@ def main(args: argparse.Namespace) -> None:
     upper_train = subsample(splits.train, args.d_max_train_samples or cap, seed=args.seed, stratify=True)
     val_set = subsample(splits.val, args.max_eval_samples or None, seed=args.seed, stratify=True)
     stream_options = dict(rank=env.rank, world_size=env.world_size, num_workers=args.num_workers,
-                          pin_memory=env.device.type == "cuda")
+                          pin_memory=env.device.type == "cuda", prefetch_factor=args.prefetch_factor)
     lower_stream = BatchStream(pretext_set, lower_batch, seed=args.seed, **stream_options)
     upper_stream = BatchStream(upper_train, upper_batch, seed=args.seed + 1, **stream_options)
     # The curvature probe's own batches, so probing leaves the training batches as they were.
     probe_stream = BatchStream(pretext_set, lower_batch, seed=args.seed + 2, **stream_options) if args.curvature_every else None
     val_loader = DataLoader(val_set, batch_size=upper_batch, sampler=ShardedEvalSampler(val_set, env.rank, env.world_size),
-                            num_workers=args.num_workers, pin_memory=env.device.type == "cuda")
+                            num_workers=args.num_workers, pin_memory=env.device.type == "cuda",
+                            persistent_workers=args.num_workers > 0)  # evaluated after every alternation
     logger.info("downstream %s: %d train / %d val, %d classes; pretext %s: %d images",
                 args.d_dset, len(upper_train), len(val_set), splits.num_classes, args.p_dset, len(pretext_set))
 
-    lower_model = load_lower_model(args).to(env.device)
+    layout = memory_format(args.channels_last, env.device)  # conv outputs follow the weights' layout
+    lower_model = load_lower_model(args).to(env.device, memory_format=layout)
     upper_backbone, feat_dim = build_backbone(args.arch, cifar_stem=bool(args.cifar_stem))
     upper_backbone.load_state_dict(lower_model.backbone.state_dict())
-    upper_backbone.to(env.device)
+    upper_backbone.to(env.device, memory_format=layout)
     head = nn.Linear(feat_dim, splits.num_classes).to(env.device)
     # Ranks seed with seed + rank; the head must nevertheless start identical on every rank (and as
     # in a one-process run), so rank 0's initialisation is sent to all.
@@ -218,15 +222,21 @@ def main(args: argparse.Namespace) -> None:
         warmup_optimizer = torch.optim.SGD(head.parameters(), lr=args.d_linear_warmup_lr or args.d_lr,
                                            momentum=args.d_momentum, weight_decay=args.d_wd)
         if args.upper_level:
-            trainer.warmup_head(upper_stream, warmup_steps, warmup_optimizer, writer, env.is_main,
-                                update_bn_statistics=bool(args.d_linear_warmup_update_bn))
+            trainer.warmup_head(upper_stream, warmup_steps, warmup_optimizer, writer, env.is_main)
         save_checkpoint(0)
 
     downstream_model = nn.Sequential(upper_backbone, head)
     progress = tqdm(range(start_alternation, args.epochs), desc="BiSSL alternations", disable=not env.is_main,
                     initial=start_alternation, total=args.epochs, dynamic_ncols=True)
+    streams = (lower_stream, upper_stream)
     for alternation in progress:
+        started, read, waited = time.perf_counter(), sum(s.samples_read for s in streams), sum(s.wait_s for s in streams)
         metrics = trainer.alternation(lower_stream, upper_stream)
+        elapsed = time.perf_counter() - started
+        # Samples of both levels (all ranks) per second of lower + upper steps, and the share of that
+        # time spent waiting for data; logged, not kept in the history.
+        throughput = {"throughput/images_per_s": (sum(s.samples_read for s in streams) - read) * env.world_size / elapsed,
+                      "throughput/data_wait_frac": (sum(s.wait_s for s in streams) - waited) / elapsed}
         if probe_stream is not None and (alternation + 1) % args.curvature_every == 0:
             report = probe_next_batch(lower_model, probe_stream, args.curvature_iters, args.lam + args.cg_lam_dampening,
                                       env.device, seed=args.seed + alternation)
@@ -235,11 +245,12 @@ def main(args: argparse.Namespace) -> None:
             scores = evaluate(downstream_model, val_loader, env.device, splits.multilabel, dtype)
             metrics.update({f"val/{key}": value for key, value in scores.items()})
         history.append({"alternation": alternation + 1, **metrics})
-        writer.log({**metrics, "alternation": alternation + 1},
+        writer.log({**metrics, **throughput, "alternation": alternation + 1},
                    trainer.upper_step_count if args.upper_level else trainer.lower_step_count)
         main_score = "val/map" if splits.multilabel else "val/top1"
         progress.set_postfix(lower=f"{metrics['lower/loss']:.3f}", upper=f"{metrics.get('upper/loss', math.nan):.3f}",
-                             val=f"{metrics.get(main_score, math.nan):.1f}", dist=f"{metrics['distance']:.3g}")
+                             val=f"{metrics.get(main_score, math.nan):.1f}", dist=f"{metrics['distance']:.3g}",
+                             img_s=f"{throughput['throughput/images_per_s']:.0f}")
         save_checkpoint(alternation + 1)
 
     if env.is_main and args.save_model:

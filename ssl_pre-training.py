@@ -19,8 +19,9 @@ import config_default as cfg
 from source import checkpoint as ckpt
 from source.cli import build_parser
 from source.data import build_pretext_dataset, pretext_transform, subsample
+from source.data import loader as loading
 from source.distributed import DistEnv, barrier, check_ranks_identical, cleanup_distributed, parameter_fingerprints
-from source.engine import make_grad_scaler, train_pretext_epoch
+from source.engine import make_grad_scaler, memory_format, train_pretext_epoch
 from source.models import build_backbone
 from source.optim import build_optimizer, warmup_cosine_scheduler
 from source.pretext import BYOL, build_pretext_model, byol_decay, pretext_head_modules
@@ -48,7 +49,7 @@ def output_stem(args: argparse.Namespace) -> str:
     return f"pretext_{args.pretext_type}_arch-{args.arch}"
 
 
-def build_loader(args: argparse.Namespace, env: DistEnv) -> tuple[DataLoader, DistributedSampler]:
+def build_loader(args: argparse.Namespace, env: DistEnv) -> tuple[DataLoader | loading.PrefetchedLoader, loading.SeededSampler]:
     dataset = build_pretext_dataset(
         args.dset, Path(args.data_dir), pretext_transform(args.img_size, args.img_crop_min_ratio, bool(args.crop_as_original)),
         download=bool(args.download_dataset),
@@ -59,12 +60,12 @@ def build_loader(args: argparse.Namespace, env: DistEnv) -> tuple[DataLoader, Di
     # One sampler for every world size (also 1): its shuffle depends only on (seed, epoch).
     sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
                                  seed=args.seed, drop_last=True)
-    loader = DataLoader(
-        dataset, batch_size=per_rank_batch_size(args.batch_size, env.world_size), sampler=sampler,
-        num_workers=args.num_workers, pin_memory=env.device.type == "cuda", drop_last=True,
-        persistent_workers=False,
+    # Augmentations are seeded per (seed, epoch, image): the same views with any --num-workers.
+    loader = loading.build_loader(
+        dataset, per_rank_batch_size(args.batch_size, env.world_size), sampler, seed=args.seed,
+        num_workers=args.num_workers, pin_memory=env.device.type == "cuda", prefetch_factor=args.prefetch_factor,
     )
-    return loader, sampler
+    return loader, loading.loader_sampler(loader)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -74,7 +75,9 @@ def main(args: argparse.Namespace) -> None:
     run_lock = open_run_dir(args, env, run_dir, output_prefixes=(f"{output_stem(args)}_",))
     loader, sampler = build_loader(args, env)
     backbone, feat_dim = build_backbone(args.arch, cifar_stem=bool(args.cifar_stem), zero_init_residual=bool(args.zero_init_residual))
-    model = build_pretext_model(args.pretext_type, backbone, feat_dim, args.mlp, args.temperature).to(env.device)
+    layout = memory_format(args.channels_last, env.device)
+    model = build_pretext_model(args.pretext_type, backbone, feat_dim, args.mlp, args.temperature).to(
+        env.device, memory_format=layout)
     if env.distributed and env.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif env.distributed:
@@ -123,7 +126,7 @@ def main(args: argparse.Namespace) -> None:
         mean_loss, global_step = train_pretext_epoch(
             ddp_model, loader, optimizer, scheduler, scaler, device=env.device, amp_dtype=dtype,
             epoch=epoch, global_step=global_step, after_step=after_step, writer=writer,
-            log_every=args.log_every, show_progress=env.is_main,
+            log_every=args.log_every, show_progress=env.is_main, memory_format=layout,
         )
         writer.log({"epoch/loss": mean_loss, "epoch": epoch}, global_step)
         logger.info("epoch %d/%d: loss %.4f", epoch + 1, args.epochs, mean_loss)

@@ -34,6 +34,53 @@ def make_grad_scaler(device: torch.device, amp_dtype: torch.dtype | None) -> tor
     return torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
 
+def memory_format(channels_last: str, device: torch.device) -> torch.memory_format:
+    """``--channels-last`` -> the memory format of the backbones and their input batches.
+
+    ``1``: ``torch.channels_last`` (NHWC), what fast GPU convolutions (cuDNN, tensor cores)
+    want; ``0``: the default contiguous NCHW; ``auto``: channels_last on CUDA, contiguous on CPU,
+    where oneDNN's convolutions gained nothing on the ResNets we measured (bench/RESULTS.md).
+    """
+    if channels_last not in ("auto", "0", "1"):
+        raise ValueError(f"--channels-last {channels_last!r}; valid: auto, 0, 1")
+    use = device.type == "cuda" if channels_last == "auto" else channels_last == "1"
+    return torch.channels_last if use else torch.contiguous_format
+
+
+class Throughput:
+    """Images per second and the share of wall time spent waiting for the next batch, both since
+    the start (``overall``) and since the previous report (``interval``).
+
+    The wait is what the input pipeline costs the training loop: zero when the next batch is
+    always ready (workers or the prefetch thread kept up), the whole loading time when not.
+    """
+
+    def __init__(self) -> None:
+        self.start = self.interval_start = time.perf_counter()
+        self.images = self.interval_images = 0
+        self.wait_s = self.interval_wait_s = 0.0
+
+    def add(self, images: int, wait_s: float) -> None:
+        self.images += images
+        self.interval_images += images
+        self.wait_s += wait_s
+        self.interval_wait_s += wait_s
+
+    @staticmethod
+    def _rates(images: int, wait_s: float, elapsed: float, prefix: str) -> dict[str, float]:
+        elapsed = max(elapsed, 1e-9)
+        return {f"{prefix}images_per_s": images / elapsed, f"{prefix}data_wait_frac": min(1.0, wait_s / elapsed)}
+
+    def overall(self, prefix: str = "") -> dict[str, float]:
+        return self._rates(self.images, self.wait_s, time.perf_counter() - self.start, prefix)
+
+    def interval(self, prefix: str = "") -> dict[str, float]:
+        now = time.perf_counter()
+        rates = self._rates(self.interval_images, self.interval_wait_s, now - self.interval_start, prefix)
+        self.interval_start, self.interval_images, self.interval_wait_s = now, 0, 0.0
+        return rates
+
+
 def train_pretext_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -49,20 +96,25 @@ def train_pretext_epoch(
     writer: MetricsWriter,
     log_every: int,
     show_progress: bool,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> tuple[float, int]:
     """One epoch of self-supervised training; returns (mean loss, global step after the epoch).
 
     ``model(view1, view2)`` returns the loss. ``after_step(step)`` runs after every optimizer step
     (the BYOL target update). The loss is averaged over ranks every step so that a non-finite
-    value stops all ranks together.
+    value stops all ranks together. Throughput (images/s, one image = its two views, all ranks;
+    and the share of time spent waiting for data) shows in the progress bar, in the metrics every
+    ``log_every`` steps (``train/``, since the previous line) and at the end (``epoch/``).
     """
     model.train()
     total_loss, num_steps = 0.0, 0
     progress = tqdm(loader, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True, leave=False)
-    start = time.perf_counter()
+    throughput = Throughput()
+    ready = time.perf_counter()
     for (view1, view2), _ in progress:
-        view1 = view1.to(device, non_blocking=True)
-        view2 = view2.to(device, non_blocking=True)
+        fetched = time.perf_counter()
+        view1 = view1.to(device, non_blocking=True, memory_format=memory_format)
+        view2 = view2.to(device, non_blocking=True, memory_format=memory_format)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             loss = model(view1, view2)
         loss_value = all_reduce_mean_(loss.detach().float().clone()).item()
@@ -78,11 +130,16 @@ def train_pretext_epoch(
             after_step(global_step)
         total_loss += loss_value
         num_steps += 1
-        images_per_s = num_steps * view1.shape[0] * get_world_size() / (time.perf_counter() - start)
-        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", img_s=f"{images_per_s:.0f}")
+        throughput.add(view1.shape[0] * get_world_size(), fetched - ready)
+        overall = throughput.overall()
+        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", img_s=f"{overall['images_per_s']:.0f}",
+                             data_wait=f"{overall['data_wait_frac']:.0%}")
         if global_step % log_every == 0:
-            writer.log({"train/loss": loss_value, "train/lr": lr, "train/images_per_s": images_per_s, "epoch": epoch}, global_step)
+            writer.log({"train/loss": loss_value, "train/lr": lr, **throughput.interval("train/"), "epoch": epoch},
+                       global_step)
+        ready = time.perf_counter()
     if num_steps == 0:
         raise ValueError("the training loader produced no batch: the dataset is smaller than one global batch")
+    writer.log({**throughput.overall("epoch/"), "epoch": epoch}, global_step)
     return total_loss / num_steps, global_step
 

@@ -10,10 +10,10 @@ import torch
 from tests.script_helpers import ROOT, command, make_image_folder, run_script, script_env
 
 
-def common_args(data_dir, model_dir, epochs=1, batch=16, pretext="simclr"):
+def common_args(data_dir, model_dir, epochs=1, batch=16, pretext="simclr", workers=0):
     return ["--pretext-type", pretext, "--dset", "imagefolder", "--data-dir", str(data_dir), "--arch", "resnet18",
             "--cifar-stem", "0", "--img-size", "16", "--epochs", str(epochs), "--batch-size", str(batch),
-            "--mlp", "32-16", "--lr", "0.5", "--warmup-epochs", "1", "--device", "cpu", "--num-workers", "0",
+            "--mlp", "32-16", "--lr", "0.5", "--warmup-epochs", "1", "--device", "cpu", "--num-workers", str(workers),
             "--model-dir", str(model_dir), "--log-every", "1"]
 
 
@@ -46,7 +46,9 @@ def test_resume_after_kill_matches_uninterrupted_run(images, tmp_path):
     wandb_dir = tmp_path / "straight" / "runs" / "pretext_simclr_arch-resnet18_dset-imagefolder" / "wandb"
     assert any(wandb_dir.glob("offline-run-*")), "no offline wandb run was written"
     resumed_dir = tmp_path / "resumed"
-    args_resumed = common_args(images, resumed_dir, epochs=3)
+    # The killed and resumed run loads with 2 worker processes, the straight one in the main
+    # process: augmentations are seeded per (seed, epoch, image), so they must still agree.
+    args_resumed = common_args(images, resumed_dir, epochs=3, workers=2)
     checkpoint = resumed_dir / "runs" / "pretext_simclr_arch-resnet18_dset-imagefolder" / "checkpoint.pth"
     process = subprocess.Popen(command("ssl_pre-training.py", *args_resumed), cwd=ROOT, env=script_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -3,14 +3,48 @@
 The BiSSL alternations draw a fixed number of batches per level regardless of epoch
 boundaries, so each level reads from a stream that cycles over its dataset for as long as
 needed (no silent rounding of step counts). A stream's position is two integers (pass, batch),
-saved in checkpoints, so a resumed run reads exactly the batches an uninterrupted one would.
+saved in checkpoints, so a resumed run reads exactly the batches an uninterrupted one would,
+with the same augmentations (per-sample seeds, see ``source.data.loader``), whatever
+``num_workers``.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+import time
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from source.data.loader import SeededDataset, ThreadPrefetcher, sample_seed
+
+
+def pass_indices(num_samples: int, batch_size: int, rank: int, world_size: int, seed: int, pass_index: int) -> list[int]:
+    """Rank ``rank``'s dataset indices of pass ``pass_index``, in order: a permutation seeded with
+    ``seed + pass_index``, cut to whole global batches, every ``world_size``-th index from ``rank``."""
+    generator = torch.Generator().manual_seed(seed + pass_index)
+    order = torch.randperm(num_samples, generator=generator)
+    order = order[: num_samples // (batch_size * world_size) * batch_size * world_size]
+    return order[rank::world_size].tolist()
+
+
+class _StreamIndices:
+    """A stream's ``(index, sample seed)`` pairs from a (pass, batch) position on, forever. (It
+    copies the stream's settings instead of pointing back at it: no reference cycle keeps a
+    dropped stream's worker processes alive.)"""
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int,
+                 pass_index: int, batch_index: int) -> None:
+        self.settings = (num_samples, batch_size, rank, world_size, seed)
+        self.pass_index, self.batch_index = pass_index, batch_index
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        batch_size, seed = self.settings[1], self.settings[4]
+        pass_index, batch_index = self.pass_index, self.batch_index
+        while True:
+            for index in pass_indices(*self.settings, pass_index)[batch_index * batch_size :]:
+                yield index, sample_seed(seed, pass_index, index)
+            pass_index, batch_index = pass_index + 1, 0
 
 
 class BatchStream:
@@ -18,14 +52,17 @@ class BatchStream:
 
     Pass k shuffles all indices with ``seed + k`` (the same permutation on every rank), drops the
     tail that does not fill a batch on every rank, and gives rank r every world_size-th index,
-    like ``DistributedSampler(drop_last=True)``. Data-loader worker seeds come from a private
-    generator, so creating a loader mid-pass does not disturb the global RNG that the (main
-    process) augmentations use: with ``num_workers=0`` a resumed stream is bit-identical.
+    like ``DistributedSampler(drop_last=True)``. Sample i of pass k is augmented from the seed
+    ``sample_seed(seed, k, i)``. One DataLoader serves the whole stream: ``num_workers > 0``
+    persistent worker processes keep ``prefetch_factor`` batches each in flight;
+    ``num_workers == 0`` loads in a background thread ``prefetch_factor`` batches ahead.
+    ``wait_s`` accumulates the time ``next()`` waited for data (the input-pipeline stall) and
+    ``samples_read`` the samples it returned (this rank), for throughput reports.
     """
 
     def __init__(
         self, dataset: Dataset, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-        num_workers: int = 0, pin_memory: bool = False,
+        num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2,
     ) -> None:
         per_pass = len(dataset) // (batch_size * world_size)
         if per_pass == 0:
@@ -33,42 +70,56 @@ class BatchStream:
                 f"the dataset has {len(dataset)} samples, fewer than one global batch "
                 f"({batch_size} x {world_size} ranks)"
             )
+        if num_workers < 0 or prefetch_factor < 1:
+            raise ValueError(f"need num_workers >= 0 and prefetch_factor >= 1, got {num_workers}, {prefetch_factor}")
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
         self.seed, self.num_workers, self.pin_memory = seed, num_workers, pin_memory
+        self.prefetch_factor = prefetch_factor
         self.batches_per_pass = per_pass
         self.pass_index, self.batch_index = 0, 0
+        self.wait_s, self.samples_read = 0.0, 0
         self._iterator: Iterator | None = None
 
-    def _indices(self) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.pass_index)
-        order = torch.randperm(len(self.dataset), generator=generator)
-        order = order[: self.batches_per_pass * self.batch_size * self.world_size]
-        mine = order[self.rank :: self.world_size]
-        return mine[self.batch_index * self.batch_size :].tolist()
-
     def _open(self) -> Iterator:
+        workers = self.num_workers > 0
         loader = DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=self._indices(), drop_last=True,
-            num_workers=self.num_workers, pin_memory=self.pin_memory,
+            SeededDataset(self.dataset), batch_size=self.batch_size,
+            sampler=_StreamIndices(len(self.dataset), self.batch_size, self.rank, self.world_size, self.seed,
+                                   self.pass_index, self.batch_index),
+            drop_last=True,
+            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=workers,
+            prefetch_factor=self.prefetch_factor if workers else None,
+            # Worker base seeds (random/numpy in workers) from a private generator: opening a
+            # loader never draws from the global RNG.
             generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.pass_index),
         )
-        return iter(loader)
+        return iter(loader) if workers else ThreadPrefetcher(loader, self.prefetch_factor)
 
-    def __iter__(self) -> "BatchStream":
+    def _close(self) -> None:
+        if isinstance(self._iterator, ThreadPrefetcher):
+            self._iterator.close()
+        self._iterator = None  # worker processes shut down with their iterator
+
+    def __iter__(self) -> BatchStream:
         return self
 
     def __next__(self) -> Any:
-        if self.batch_index >= self.batches_per_pass:
-            self.pass_index, self.batch_index, self._iterator = self.pass_index + 1, 0, None
         if self._iterator is None:
             self._iterator = self._open()
+        start = time.perf_counter()
         batch = next(self._iterator)
+        self.wait_s += time.perf_counter() - start
+        self.samples_read += self.batch_size
         self.batch_index += 1
+        if self.batch_index == self.batches_per_pass:
+            self.pass_index, self.batch_index = self.pass_index + 1, 0
         return batch
 
     def state_dict(self) -> dict[str, int]:
         return {"pass_index": self.pass_index, "batch_index": self.batch_index}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        self._close()
         self.pass_index, self.batch_index = int(state["pass_index"]), int(state["batch_index"])
-        self._iterator = None
+        if self.batch_index >= self.batches_per_pass:  # a position saved at the end of a pass
+            self.pass_index, self.batch_index = self.pass_index + 1, 0

@@ -1,0 +1,229 @@
+"""DataLoader construction: per-sample augmentation seeds, worker settings, background prefetching.
+
+Repeatability without giving up speed. Every sample's augmentation is drawn from torch's CPU
+generator reseeded with ``sample_seed(seed, epoch, index)`` just before the sample is loaded, so
+the views of image ``index`` in epoch (or stream pass) ``epoch`` are a pure function of those
+three integers. They do not depend on which worker process loads the sample, how far ahead the
+workers prefetch, ``--num-workers``, or where a run was resumed: a run is repeatable from
+``--seed`` with any number of workers, and a resumed run reads exactly the views an
+uninterrupted one would. Different images, and the same image in different epochs, get
+different seeds, so every worker and every rank draws different augmentations. (The seed does
+not include the rank: the same image in the same epoch gets the same views whatever the world
+size.) Only torch's generator is reseeded; the project's transforms draw from nothing else.
+
+Worker processes (``--num-workers N > 0``) persist across epochs (no re-fork and re-import per
+epoch), keep ``prefetch_factor`` batches each in flight and run with one torch thread (PyTorch
+sets that for workers), so they do not oversubscribe the cores the model needs. Batches go to
+pinned memory when training on CUDA, so the host-to-device copies can be asynchronous.
+
+With ``--num-workers 0`` the main process augments, and a background thread
+(:class:`ThreadPrefetcher`) prepares the next batches while the model computes: PIL and numpy
+release the GIL in their kernels, so augmentation overlaps the model step instead of adding to
+it. The thread reseeds torch's global CPU generator per sample; the training step must therefore
+not draw from that generator itself (the project's models and losses draw nothing: no dropout).
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+_MASK64 = (1 << 64) - 1
+# Upper bound of the automatic worker count per GPU process: enough for the paper's setting (see
+# README "Data loading"); more processes mostly add memory and start-up time.
+AUTO_MAX_WORKERS = 16
+
+
+def _splitmix64(x: int) -> int:
+    """One step of splitmix64 (Steele et al., 2014): a bijective 64-bit mix whose nearby inputs
+    give unrelated outputs, so seeds (s, e, i) and (s, e, i + 1) start unrelated generators."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of dataset item ``index`` in epoch (or stream pass) ``epoch``."""
+    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ epoch) ^ index)
+
+
+class SeededSampler(Sampler):
+    """Yields ``(index, sample_seed(seed, epoch, index))`` for every index of ``sampler``.
+
+    ``set_epoch`` is forwarded to the wrapped sampler (e.g. ``DistributedSampler``). The pairs are
+    made in the main process when a loader iterates, so persistent workers see the current epoch.
+    """
+
+    def __init__(self, sampler: Iterable[int], seed: int) -> None:
+        self.sampler, self.seed, self.epoch = sampler, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        for index in self.sampler:
+            yield index, sample_seed(self.seed, epoch, index)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class SeededDataset(Dataset):
+    """``dataset`` indexed by ``(index, seed)``: reseeds torch's CPU generator with ``seed``, then
+    returns ``dataset[index]`` (whose transform then draws from that seed)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        torch.default_generator.manual_seed(seed)
+        return self.dataset[index]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+class _End:
+    """Queue marker: the source iterator is exhausted."""
+
+
+def _put(items: queue.Queue, stop: threading.Event, item: Any) -> bool:
+    while not stop.is_set():
+        try:
+            items.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _fill(iterator: Iterator, items: queue.Queue, stop: threading.Event) -> None:
+    """Thread body. It holds no reference to the ThreadPrefetcher, so dropping that stops it."""
+    try:
+        for item in iterator:
+            if not _put(items, stop, item):
+                return
+        _put(items, stop, _End())
+    except BaseException as error:  # handed to the consumer, raised there
+        _put(items, stop, error)
+
+
+class ThreadPrefetcher:
+    """Iterate ``iterable`` in a background thread, keeping up to ``depth`` items ready.
+
+    Items arrive in order; an exception in the thread is re-raised in the consumer at the item
+    where it happened. ``close()`` (or dropping the prefetcher) stops the thread after at most
+    one more item. Used when the main process loads the data (``--num-workers 0``).
+    """
+
+    def __init__(self, iterable: Iterable, depth: int = 2) -> None:
+        self._stop = threading.Event()
+        if depth < 1:
+            raise ValueError(f"prefetch depth must be >= 1, got {depth}")
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._done = False
+        self._thread = threading.Thread(target=_fill, args=(iter(iterable), self._queue, self._stop),
+                                        name="prefetch", daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> ThreadPrefetcher:
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        item = self._queue.get()
+        if isinstance(item, _End):
+            self._done = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._done = True
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
+class PrefetchedLoader:
+    """A DataLoader whose iterations run in a :class:`ThreadPrefetcher` (``len`` is the loader's)."""
+
+    def __init__(self, loader: DataLoader, depth: int) -> None:
+        self.loader, self.depth = loader, depth
+
+    def __iter__(self) -> ThreadPrefetcher:
+        return ThreadPrefetcher(self.loader, self.depth)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def build_loader(
+    dataset: Dataset, batch_size: int, sampler: Iterable, *, seed: int, num_workers: int,
+    pin_memory: bool, prefetch_factor: int, drop_last: bool = True,
+) -> DataLoader | PrefetchedLoader:
+    """A training loader over ``sampler``'s indices with per-sample augmentation seeds.
+
+    ``sampler`` is wrapped in :class:`SeededSampler` (reach it as ``loader.sampler`` /
+    ``loader.loader.sampler`` to call ``set_epoch``; :func:`loader_sampler` does that).
+    ``num_workers > 0``: persistent worker processes with ``prefetch_factor`` batches each in
+    flight. ``num_workers == 0``: loading in the main process, ``prefetch_factor`` batches ahead
+    in a background thread. The worker base seed (what ``random``/numpy see in workers) comes
+    from a private generator seeded with ``seed``, so building a loader never draws from the
+    global RNG.
+    """
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0 here, got {num_workers}")
+    if prefetch_factor < 1:
+        raise ValueError(f"--prefetch-factor must be >= 1, got {prefetch_factor}")
+    workers = num_workers > 0
+    loader = DataLoader(
+        SeededDataset(dataset), batch_size=batch_size, sampler=SeededSampler(sampler, seed), drop_last=drop_last,
+        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=workers,
+        prefetch_factor=prefetch_factor if workers else None,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return loader if workers else PrefetchedLoader(loader, prefetch_factor)
+
+
+def loader_sampler(loader: DataLoader | PrefetchedLoader) -> SeededSampler:
+    """The :class:`SeededSampler` of a loader made by :func:`build_loader`."""
+    inner = loader.loader if isinstance(loader, PrefetchedLoader) else loader
+    assert isinstance(inner.sampler, SeededSampler)
+    return inner.sampler
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a Slurm allocation)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_num_workers(num_workers: int, device: torch.device, local_world_size: int) -> int:
+    """``--num-workers``; -1 = auto: 0 on CPU (the model step uses every core and the prefetch
+    thread overlaps augmentation with it), on CUDA the cores per local process minus one for the
+    training process itself, at most ``AUTO_MAX_WORKERS``."""
+    if num_workers >= 0:
+        return num_workers
+    if num_workers != -1:
+        raise ValueError(f"--num-workers must be >= 0 or -1 (auto), got {num_workers}")
+    if device.type != "cuda":
+        return 0
+    return max(1, min(AUTO_MAX_WORKERS, available_cpus() // max(1, local_world_size) - 1))
+

@@ -1,0 +1,81 @@
+"""Training loaders: per-sample seeds, the same batches with 0 or 2 workers, the prefetch thread."""
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from source.data.loader import (
+    ThreadPrefetcher,
+    build_loader,
+    loader_sampler,
+    resolve_num_workers,
+    sample_seed,
+)
+
+
+class RandomViews(Dataset):
+    def __len__(self):
+        return 20
+
+    def __getitem__(self, index):
+        return index, torch.rand(2)
+
+
+def epoch_batches(loader, epoch):
+    loader_sampler(loader).set_epoch(epoch)
+    return [(indices.clone(), draws.clone()) for indices, draws in loader]
+
+
+def test_sample_seeds_differ_for_neighbours_and_repeat():
+    seeds = {sample_seed(0, epoch, index) for epoch in range(3) for index in range(1000)}
+    assert len(seeds) == 3000
+    assert sample_seed(7, 2, 5) == sample_seed(7, 2, 5) != sample_seed(8, 2, 5)
+
+
+def test_loader_batches_do_not_depend_on_workers_and_change_per_epoch():
+    sampler = list(range(20))[::-1]
+    results = []
+    for workers in (0, 2):
+        loader = build_loader(RandomViews(), 4, sampler, seed=3, num_workers=workers, pin_memory=False, prefetch_factor=2)
+        results.append([epoch_batches(loader, epoch) for epoch in (0, 1, 0)])
+    for zero, two in zip(*results):
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(zero, two))
+    no_workers = results[0]
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(no_workers[0], no_workers[2]))  # epoch 0 again: same draws
+    assert not torch.equal(no_workers[0][0][1], no_workers[1][0][1])  # epoch 1: new draws for the same images
+    assert torch.get_rng_state().equal(torch.get_rng_state())
+
+
+def test_building_and_iterating_a_worker_loader_leaves_the_global_rng_alone():
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    loader = build_loader(RandomViews(), 5, range(20), seed=0, num_workers=2, pin_memory=False, prefetch_factor=2)
+    epoch_batches(loader, 0)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_prefetcher_keeps_order_raises_errors_in_place_and_stops():
+    assert list(ThreadPrefetcher(range(50), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise KeyError("bad sample")
+
+    prefetcher = ThreadPrefetcher(failing(), depth=2)
+    assert next(prefetcher) == 1
+    with pytest.raises(KeyError, match="bad sample"):
+        next(prefetcher)
+    endless = ThreadPrefetcher(iter(int, 1), depth=2)  # never ends by itself
+    next(endless)
+    endless.close()
+    endless._thread.join(timeout=5)
+    assert not endless._thread.is_alive()
+    with pytest.raises(ValueError):
+        ThreadPrefetcher(range(3), depth=0)
+
+
+def test_auto_worker_count():
+    assert resolve_num_workers(3, torch.device("cpu"), 1) == 3
+    assert resolve_num_workers(-1, torch.device("cpu"), 1) == 0
+    assert 1 <= resolve_num_workers(-1, torch.device("cuda"), 64) <= 16
+    with pytest.raises(ValueError):
+        resolve_num_workers(-2, torch.device("cpu"), 1)
