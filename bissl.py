@@ -222,7 +222,8 @@ def main(args: argparse.Namespace) -> None:
         warmup_optimizer = torch.optim.SGD(head.parameters(), lr=args.d_linear_warmup_lr or args.d_lr,
                                            momentum=args.d_momentum, weight_decay=args.d_wd)
         if args.upper_level:
-            trainer.warmup_head(upper_stream, warmup_steps, warmup_optimizer, writer, env.is_main)
+            trainer.warmup_head(upper_stream, warmup_steps, warmup_optimizer, writer, env.is_main,
+                                update_bn_statistics=bool(args.d_linear_warmup_update_bn))
         save_checkpoint(0)
 
     downstream_model = nn.Sequential(upper_backbone, head)

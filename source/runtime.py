@@ -15,6 +15,7 @@ from typing import IO, Any
 import torch
 
 from source.checkpoint import sweep_temporaries
+from source.data.loader import resolve_num_workers
 from source.distributed import DistEnv, broadcast_object, init_distributed, seed_everything
 from source.tracking import setup_logging
 
@@ -30,11 +31,13 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def start(args: argparse.Namespace) -> DistEnv:
     """Set threads, join the process group (if launched by torchrun/Slurm), set up rank-0
-    logging and seed ``random``/numpy/torch with ``args.seed + rank``."""
+    logging, resolve ``--num-workers -1`` (auto) and seed ``random``/numpy/torch with
+    ``args.seed + rank``."""
     if args.omp_num_threads > 0:
         torch.set_num_threads(args.omp_num_threads)
     env = init_distributed(args.device, args.dist_url)
     setup_logging(env.is_main)
+    args.num_workers = resolve_num_workers(args.num_workers, env.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     seed_everything(args.seed, env.rank)
     logger.info("world size %d, device %s, seed %d (+rank)", env.world_size, env.device, args.seed)
     return env
@@ -72,7 +75,8 @@ def run_directory(args: argparse.Namespace, run_name: str) -> Path:
 # out of a low-precision overflow; it changes numerics at rounding level only. Every other flag,
 # including every flag added later, must match the checkpoint's value for a run to continue.
 RESULT_NEUTRAL_FLAGS = frozenset({
-    "data_dir", "model_dir", "download_dataset", "device", "num_workers", "world_size", "dist_url", "omp_num_threads",
+    "data_dir", "model_dir", "download_dataset", "device", "num_workers", "prefetch_factor", "channels_last",
+    "world_size", "dist_url", "omp_num_threads",
     "run_dir", "resume", "amp", "wandb_project", "wandb_mode", "log_every", "save_model", "cg_verbose",
 })
 LOCK_FILENAME = "run.lock"
