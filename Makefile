@@ -29,6 +29,8 @@ test: data
 bench: setup
 	$(PY) bench/bench_pretrain_throughput.py
 	$(PY) bench/bench_upper_step.py
+	$(PY) -m pip install -q -r requirements-dev.txt  # lightly, for the comparison below
+	$(PY) bench/bench_augment.py
 
 # Dev tools (ruff; lightly for bench/bench_augment.py) live in requirements-dev.txt, not the runtime set.
 lint: setup

@@ -1,26 +1,50 @@
-"""Pre-training throughput (images/s) of one SimCLR training step, as ssl_pre-training.py runs it.
+"""Pre-training throughput: the whole ``ssl_pre-training.py`` against the bare model step, in one run.
 
-    python bench/bench_pretrain_throughput.py [--arch resnet18] [--sizes 32 96] [--batch-size 64]
+    python bench/bench_pretrain_throughput.py [--sizes 32 96] [--batch-size 64] [--script-workers 0 2] [--repeats 3]
+    python bench/bench_pretrain_throughput.py --sizes 32 --script-workers      # bare step only
+    python bench/bench_pretrain_throughput.py --quick                           # checks that the bench runs
 
-Times forward (two views) + NT-Xent + backward + LARS step on random tensors already in memory,
-so it measures the model, not the data pipeline. An "image" is one sample (two views).
+Bare step: forward of two views + NT-Xent + backward + LARS step of a SimCLR model on random
+tensors already in memory -- the model alone, no data pipeline -- in the default contiguous (NCHW)
+layout and in channels_last (``--channels-last 1``'s layout), at ``--threads`` torch threads.
+
+Script: ``ssl_pre-training.py`` itself as a subprocess (SimCLR, FashionMNIST from ``--data-dir``,
+the same architecture, batch, image size, threads and precision), once per ``--script-workers``
+value; its steady-state images/s come from its metrics file (``train/images_per_s`` every
+``--log-every`` steps; the first interval, which includes start-up, is dropped). It includes
+everything a real run does per step: augmentations, collation, the rank all-reduce of the loss,
+the LR schedule and the progress bar.
+
+All measurements of one image size are interleaved (bare, script w=0, script w=2, then the
+reverse order, ...) ``--repeats`` times; the table gives medians and each script's share of the
+bare step's images/s (issue 9's target: >= 0.85 at 32 px, batch 64, --num-workers 0 and 2).
+An "image" is one sample (two views). The load average is printed before and after.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from source.distributed import resolve_device  # noqa: E402
-from source.models import build_backbone
-from source.optim import build_optimizer
-from source.pretext import SimCLR
+from source.models import build_backbone  # noqa: E402
+from source.optim import build_optimizer  # noqa: E402
+from source.pretext import SimCLR  # noqa: E402
 from source.runtime import amp_dtype  # noqa: E402
+
+MLP = "256-256-256"  # the default projector of ssl_pre-training.py
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -28,23 +52,32 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arch", default="resnet18", help="backbone (default: resnet18)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 96], help="image sides to time (default: 32 96)")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per step (default: 64)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per size (default: 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    parser.add_argument("--steps", type=int, default=20, help="timed bare steps per measurement (default: 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed bare steps first (default: 3)")
+    parser.add_argument("--script-workers", type=int, nargs="*", default=[0, 2],
+                        help="--num-workers values to run the script with; none = bare step only (default: 0 2)")
+    parser.add_argument("--script-steps", type=int, default=40, help="steps of each script run (default: 40)")
+    parser.add_argument("--log-every", type=int, default=5, help="script metrics interval in steps (default: 5)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per image size (default: 3)")
+    parser.add_argument("--data-dir", default=str(ROOT / "data"), help="folder holding FashionMNIST/raw")
     parser.add_argument("--cifar-stem", type=int, default=0, help="1: CIFAR-style stem (default: 0)")
     parser.add_argument("--device", default="auto", help="auto|cuda|cpu (default: auto)")
     parser.add_argument("--amp", default="auto", help="auto|none|bf16|fp16 (default: auto = bf16 on CUDA)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads, bench and script (0 = default)")
+    parser.add_argument("--quick", action="store_true", help="tiny settings: only checks that the bench runs")
     return parser
 
 
-def images_per_second(args: argparse.Namespace, img_size: int, device: torch.device) -> float:
+def bare_images_per_second(args: argparse.Namespace, img_size: int, device: torch.device,
+                           layout: torch.memory_format) -> float:
     torch.manual_seed(0)
     backbone, dim = build_backbone(args.arch, cifar_stem=bool(args.cifar_stem))
-    model = SimCLR(backbone, dim, "256-256-256", 0.5).to(device)
+    model = SimCLR(backbone, dim, MLP, 0.5).to(device, memory_format=layout)
     optimizer = build_optimizer("lars", list(model.parameters()), 0.1, 1e-6, 0.9)
     dtype = amp_dtype(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    views = [torch.randn(args.batch_size, 3, img_size, img_size, device=device) for _ in range(2)]
+    views = [torch.randn(args.batch_size, 3, img_size, img_size, device=device).to(memory_format=layout)
+             for _ in range(2)]
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -53,27 +86,63 @@ def images_per_second(args: argparse.Namespace, img_size: int, device: torch.dev
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        loss.item()  # the script syncs on the loss every step too
 
     for _ in range(args.warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
     return args.steps * args.batch_size / (time.perf_counter() - start)
 
 
+def script_images_per_second(args: argparse.Namespace, img_size: int, workers: int, device: torch.device) -> float:
+    """Steady-state images/s of one ``ssl_pre-training.py`` run (harmonic mean of its metric intervals
+    after the first, i.e. total images over total time)."""
+    with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as run_dir:
+        command = [
+            sys.executable, str(ROOT / "ssl_pre-training.py"), "--pretext-type", "simclr", "--dset", "fashionmnist",
+            "--data-dir", args.data_dir, "--arch", args.arch, "--cifar-stem", str(args.cifar_stem),
+            "--img-size", str(img_size), "--batch-size", str(args.batch_size), "--epochs", "1",
+            "--max-train-samples", str(args.batch_size * args.script_steps), "--mlp", MLP, "--lr", "0.1",
+            "--warmup-epochs", "1", "--device", device.type, "--amp", args.amp, "--num-workers", str(workers),
+            "--omp-num-threads", str(args.threads), "--log-every", str(args.log_every), "--save-model", "0",
+            "--model-dir", run_dir, "--run-dir", str(Path(run_dir) / "run"), "--resume", "0", "--seed", "0",
+        ]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, WANDB_SILENT="true"))
+        if result.returncode != 0:
+            raise SystemExit(f"ssl_pre-training.py failed:\n{result.stderr[-3000:]}")
+        lines = [json.loads(line) for line in (Path(run_dir) / "run" / "metrics.jsonl").read_text().splitlines()]
+    rates = [line["train/images_per_s"] for line in lines if "train/images_per_s" in line][1:]
+    if not rates:
+        raise SystemExit("the script logged too few intervals; raise --script-steps or lower --log-every")
+    return statistics.harmonic_mean(rates)
+
+
 def main(args: argparse.Namespace) -> None:
+    if args.quick:
+        args.sizes, args.steps, args.warmup, args.script_steps, args.log_every, args.repeats = [16], 2, 1, 4, 1, 1
+        args.batch_size = 16
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    print(f"device {device}, threads {torch.get_num_threads()}, {args.arch}, batch {args.batch_size}, "
-          f"cifar stem {args.cifar_stem}, amp {args.amp}")
+    print(f"device {device}, threads {torch.get_num_threads()}, {args.arch}, batch {args.batch_size}, cifar stem "
+          f"{args.cifar_stem}, amp {args.amp}, {args.repeats} interleaved rounds; load average {os.getloadavg()}")
+    layouts = {"bare": torch.contiguous_format, "bare channels_last": torch.channels_last}
     for size in args.sizes:
-        print(f"{size:4d} px: {images_per_second(args, size, device):8.1f} images/s")
+        runs = {name: partial(bare_images_per_second, args, size, device, layout) for name, layout in layouts.items()}
+        runs.update({f"script --num-workers {w}": partial(script_images_per_second, args, size, w, device)
+                     for w in args.script_workers})
+        rates: dict[str, list[float]] = {name: [] for name in runs}
+        for repeat in range(args.repeats):
+            for name in (list(runs) if repeat % 2 == 0 else list(reversed(runs))):
+                rates[name].append(runs[name]())
+        bare = statistics.median(rates["bare"])
+        print(f"{size} px")
+        for name, values in rates.items():
+            print(f"  {name:<26} {statistics.median(values):8.1f} images/s   x{statistics.median(values) / bare:5.2f} of bare"
+                  f"   (runs: {', '.join(f'{v:.1f}' for v in values)})")
+    print(f"load average after: {os.getloadavg()}")
 
 
 if __name__ == "__main__":
