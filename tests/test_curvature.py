@@ -6,6 +6,7 @@ The reference Hessian of a tiny SimCLR model's loss w.r.t. its backbone is forme
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -116,3 +117,49 @@ def test_report_numbers():
     metrics = report.metrics()
     assert metrics["curvature/ritz_min"] == -30.0 and metrics["curvature/ritz_max"] == 200.0
     assert CurvatureReport(ritz=[1.0, 2.0], lam_plus_delta=1.0).min_lam_plus_delta == 0.0
+
+
+def test_probe_during_training_changes_nothing_and_bissl_logs_it(tmp_path):
+    """The in-run probe draws its batch from its own stream under fork_rng: the global RNG (which
+    main-process augmentations use) and the model are as before; bissl.py logs its numbers."""
+    from source.curvature import probe_next_batch
+
+    model = _tiny_simclr().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def stream():
+        while True:  # augmentations drawing from the global RNG, as with --num-workers 0
+            yield (torch.rand(8, 3, 2, 2, dtype=torch.float64), torch.rand(8, 3, 2, 2, dtype=torch.float64)), None
+
+    torch.manual_seed(5)
+    rng = torch.get_rng_state()
+    report = probe_next_batch(model, stream(), 5, 10.001, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert len(report.ritz) == 5 and report.min <= report.max
+
+
+def test_bissl_script_with_minres_and_the_probe(tmp_path):
+    from source.checkpoint import save_atomic
+    from source.models import Projector, build_backbone
+    from tests.script_helpers import make_image_folder, run_script
+
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=8, size=16)
+    models = tmp_path / "models"
+    models.mkdir()
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("resnet18")
+    save_atomic(backbone.state_dict(), models / "bb.pth")
+    save_atomic(Projector(dim, "16-8").state_dict(), models / "proj.pth")
+    run_script("bissl.py", "--d-dset", "imagefolder", "--p-dset", "imagefolder", "--data-dir", str(images),
+               "--arch", "resnet18", "--img-size", "16", "--p-mlp", "16-8", "--p-pretrained-backbone-filename", "bb.pth",
+               "--p-pretrained-proj-filename", "proj.pth", "--epochs", "1", "--lower-num-iter", "1", "--upper-num-iter", "2",
+               "--d-linear-warmup-epochs", "1", "--p-batch-size", "4", "--d-batch-size", "4", "--device", "cpu",
+               "--num-workers", "0", "--model-dir", str(models), "--run-dir", str(tmp_path / "run"),
+               "--cg-solver", "minres", "--cg-iter-num", "2", "--curvature-every", "1", "--curvature-iters", "3",
+               "--omp-num-threads", "1")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    final = [row for row in rows if "curvature/ritz_min" in row][-1]
+    assert final["curvature/ritz_min"] <= final["curvature/ritz_max"]
+    assert final["cg/hvps"] == 2  # MINRES: no extra product for its residual
+    assert 0 < final["cg/true_rel_residual"] <= 1  # MINRES never does worse than x = 0
