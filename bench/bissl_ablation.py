@@ -11,7 +11,8 @@ From ONE pre-trained backbone, every variant is fine-tuned on the same ``--seeds
   (b) ``bissl``        BiSSL as configured (``bissl.py`` with ``--bissl-args``);
   (c) ``no-implicit``  BiSSL with x = 0 (``--cg-iter-num 0``): the upper level still trains θ_D,
                        but the lower level feels the downstream task only through the proximity term;
-  (d) ``no-upper``     the control: the same lower steps on the same pretext batches with the
+  (d) ``no-upper``     the control: the same lower steps on the same pretext batches (images and
+                       augmentations, which follow per-sample seeds) with the
                        proximity term to the frozen pre-trained backbone, and no upper level at
                        all (``--upper-level 0``): as many extra pretext steps as BiSSL, no downstream signal;
   (e) ``solver-<name>`` BiSSL with each implicit-gradient solver (``--cg-solver <name>``); a solver

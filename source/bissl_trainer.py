@@ -286,8 +286,8 @@ class BisslTrainer:
         for _ in range(self.settings.lower_steps_per_alternation):
             (view1, view2), _ = next(lower_stream)
             add(self.lower_step(view1, view2), self.settings.lower_steps_per_alternation)
-        # Drawn with or without an upper level, so the control reads the same pretext images in the
-        # same order as BiSSL (their random augmentations differ: the upper level's draws are missing).
+        # Drawn with or without an upper level, so the control reads the same pretext batches as
+        # BiSSL (same images, and the same views: augmentations follow per-sample seeds).
         hessian_views, _ = next(lower_stream)
         # One Hessian graph for all upper steps: θ_P and ψ stay fixed while they run.
         share = self.settings.share_hessian_graph and self.settings.cg_iters > 0 and self.settings.upper_level
