@@ -166,7 +166,7 @@ class BisslConfig:
                                         "grad L_D(theta_lower, phi) + gamma * grad L_D(theta_upper, phi) (first paper version: 0.01).")
     grad_clip: float = opt(10.0, "Global gradient-norm clip of both levels (paper: 10).", above=0)
     lower_warmup_alternations: int = opt(10, "Lower LR warmup lasts this many alternations (10 * N_L steps, paper).")
-    upper_level: int = opt(1, "0: ablation control: the same lower steps on the same pretext batches; no head warmup, upper steps, val (theta_D fixed).", (0, 1))
+    upper_level: int = opt(1, "0: ablation control: the same lower steps on the same pretext batches; no head warmup, upper steps, val (theta_D kept).", (0, 1))
     save_model: int = opt(1, "1: write the BiSSL backbones and head at the end.", (0, 1))
 
 
