@@ -54,19 +54,24 @@ class Stages:
     """Runs each stage once; remembers finished stages and their wall time in timings.json.
 
     The time of an interrupted or failed attempt is kept aside (attempts.json) and added to the
-    stage's time when it finishes, since the resumed stage only does the rest of the work.
+    stage's time when it finishes, since the resumed stage only does the rest of the work. The
+    code version each stage started with goes to versions.json.
     """
 
     def __init__(self, out_dir: Path) -> None:
         self.path, self.attempts_path = out_dir / "timings.json", out_dir / "attempts.json"
+        self.versions_path = out_dir / "versions.json"
         self.timings: dict[str, float] = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.attempts: dict[str, float] = json.loads(self.attempts_path.read_text()) if self.attempts_path.exists() else {}
+        self.versions: dict[str, str] = json.loads(self.versions_path.read_text()) if self.versions_path.exists() else {}
 
     def run(self, name: str, command: list[str], done: Path, tag: str = "demo") -> None:
         if done.exists() and name in self.timings:
             print(f"[{tag}] {name}: already done ({self.timings[name]:.0f} s), skipping", flush=True)
             return
         print(f"\n[{tag}] {name}:\n  {' '.join(command)}", flush=True)
+        self.versions[name] = code_version()
+        self.versions_path.write_text(json.dumps(self.versions, indent=2))
         start = time.perf_counter()
         env = dict(os.environ, OMP_NUM_THREADS="1")
         try:
@@ -79,6 +84,17 @@ class Stages:
         self.timings[name] = self.attempts.pop(name)
         self.path.write_text(json.dumps(self.timings, indent=2))
         self.attempts_path.write_text(json.dumps(self.attempts, indent=2))
+
+
+def code_version() -> str:
+    """The checkout's commit, marked when tracked files have uncommitted changes ("unknown" outside git)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                               text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
 
 
 def torchrun(nproc: int, script: str, *args: object) -> list[str]:

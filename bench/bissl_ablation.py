@@ -246,6 +246,9 @@ def main(args: argparse.Namespace) -> None:
              f"torchrun --nproc-per-node {args.nproc}, device {args.device}", "",
              markdown_report(runs, extra_columns=extra), "",
              *[f"- {note}" for note in notes],
+             *(["Code at the start of each stage: " + "; ".join(
+                 f"{version} ({', '.join(name for name in stages.versions if stages.versions[name] == version)})"
+                 for version in dict.fromkeys(stages.versions.values())) + "."] if stages.versions else []),
              f"Pre-training (shared): {minutes(stages.timings.get('pre-training'))} min. "
              f"Total stage time {sum(stages.timings.values()) / 60:.1f} min; this invocation {(time.perf_counter() - started) / 60:.1f} min."]
     text = "\n".join(lines)
