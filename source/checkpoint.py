@@ -45,6 +45,18 @@ _TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.tmp(?P<pid>\d+)$")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
+def _is_disk_full(error: BaseException | None) -> bool:
+    """True if ``error`` or an error it was raised from is ENOSPC/EDQUOT (torch.save reports a
+    failed write as a RuntimeError raised while handling the OSError)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno in _DISK_FULL:
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write`` on a temporary file beside ``path``, fsync it and ``os.replace`` it into place.
 
@@ -63,11 +75,11 @@ def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         os.replace(tmp, path)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.errno in _DISK_FULL:
+        if _is_disk_full(error):
             free = shutil.disk_usage(path.parent).free
-            raise OSError(error.errno, f"no space left on {path.parent} ({free / 2**20:.1f} MiB free) while writing "
-                                       f"{path.name}; the previous {path.name} (if any) is intact and the partial file "
-                                       "was removed: free some space and rerun") from error
+            raise OSError(errno.ENOSPC, f"no space left on {path.parent} while writing {path.name}; the partial file "
+                                       f"was removed ({free / 2**20:.1f} MiB free now, not enough) and the previous "
+                                       f"{path.name} (if any) is intact: free some space and rerun") from error
         raise
 
 
