@@ -140,7 +140,8 @@ def main(args: argparse.Namespace) -> None:
     upper_train = subsample(splits.train, args.d_max_train_samples or cap, seed=args.seed, stratify=True)
     val_set = subsample(splits.val, args.max_eval_samples or None, seed=args.seed, stratify=True)
     stream_options = dict(rank=env.rank, world_size=env.world_size, num_workers=args.num_workers,
-                          pin_memory=env.device.type == "cuda", prefetch_factor=args.prefetch_factor)
+                          pin_memory=env.device.type == "cuda", prefetch_factor=args.prefetch_factor,
+                          nice_workers=env.device.type == "cpu")
     lower_stream = BatchStream(pretext_set, lower_batch, seed=args.seed, **stream_options)
     upper_stream = BatchStream(upper_train, upper_batch, seed=args.seed + 1, **stream_options)
     # The curvature probe's own batches, so probing leaves the training batches as they were.

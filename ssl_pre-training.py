@@ -64,6 +64,7 @@ def build_loader(args: argparse.Namespace, env: DistEnv) -> tuple[DataLoader | l
     loader = loading.build_loader(
         dataset, per_rank_batch_size(args.batch_size, env.world_size), sampler, seed=args.seed,
         num_workers=args.num_workers, pin_memory=env.device.type == "cuda", prefetch_factor=args.prefetch_factor,
+        nice_workers=env.device.type == "cpu",
     )
     return loader, loading.loader_sampler(loader)
 

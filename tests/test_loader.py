@@ -1,9 +1,14 @@
 """Training loaders: per-sample seeds, the same batches with 0 or 2 workers, the prefetch thread."""
+import os
+import sys
+import threading
+
 import pytest
 import torch
 from torch.utils.data import Dataset
 
 from source.data.loader import (
+    BACKGROUND_NICE,
     ThreadPrefetcher,
     build_loader,
     loader_sampler,
@@ -79,3 +84,13 @@ def test_auto_worker_count():
     assert 1 <= resolve_num_workers(-1, torch.device("cuda"), 64) <= 16
     with pytest.raises(ValueError):
         resolve_num_workers(-2, torch.device("cpu"), 1)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
+def test_prefetch_thread_yields_the_cores_to_the_training_thread():
+    def niceness():
+        yield os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert list(ThreadPrefetcher(niceness())) == [min(19, main + BACKGROUND_NICE)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main  # the training thread keeps its own

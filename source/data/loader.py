@@ -19,13 +19,26 @@ pinned memory when training on CUDA, so the host-to-device copies can be asynchr
 With ``--num-workers 0`` the main process augments, and a background thread
 (:class:`ThreadPrefetcher`) prepares the next batches while the model computes: PIL and numpy
 release the GIL in their kernels, so augmentation overlaps the model step instead of adding to
-it. The thread reseeds torch's global CPU generator per sample; the training step must therefore
-not draw from that generator itself (the project's models and losses draw nothing: no dropout).
+it.
+
+When the model itself runs on the CPU, the loading threads and processes compete with its
+intra-op threads, which wait for each other at the end of every parallel operator: one of them
+pre-empted by a loader stalls all of them (why ``--num-workers 2`` used to be slower than 0 on a
+2-core machine). So the prefetch thread, and worker processes of a CPU run, lower their
+scheduling priority by ``BACKGROUND_NICE``: they take the cores whenever the model leaves them
+idle (between operators, in its single-threaded parts) and all of them when the training loop
+waits for data, but they do not pre-empt the model. (Linux; elsewhere the priority is unchanged.)
+
+The prefetch thread reseeds torch's global CPU generator per sample, so while it runs the
+training loop must neither draw from that generator nor set its state (``torch.manual_seed``,
+``set_rng_state``, ``torch.random.fork_rng``): the project's models and losses draw nothing (no
+dropout), and reading the state for a checkpoint is harmless (augmentations do not depend on it).
 """
 from __future__ import annotations
 
 import os
 import queue
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -34,6 +47,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 _MASK64 = (1 << 64) - 1
+# Nice value added to the prefetch thread and, on CPU runs, to the worker processes (0 = off).
+BACKGROUND_NICE = 10
 # Upper bound of the automatic worker count per GPU process: enough for the paper's setting (see
 # README "Data loading"); more processes mostly add memory and start-up time.
 AUTO_MAX_WORKERS = 16
@@ -97,6 +112,25 @@ class _End:
     """Queue marker: the source iterator is exhausted."""
 
 
+def lower_priority(nice: int = BACKGROUND_NICE, thread_only: bool = False) -> None:
+    """Add ``nice`` to the niceness of this process, or (``thread_only``) of the calling thread
+    only: Linux keeps a nice value per thread. Failures are ignored: priority is an optimisation."""
+    if nice <= 0 or sys.platform != "linux":
+        return
+    try:
+        if thread_only:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+        else:
+            os.nice(nice)
+    except OSError:
+        pass
+
+
+def _lower_worker_priority(worker_id: int) -> None:
+    lower_priority()
+
+
 def _put(items: queue.Queue, stop: threading.Event, item: Any) -> bool:
     while not stop.is_set():
         try:
@@ -109,6 +143,7 @@ def _put(items: queue.Queue, stop: threading.Event, item: Any) -> bool:
 
 def _fill(iterator: Iterator, items: queue.Queue, stop: threading.Event) -> None:
     """Thread body. It holds no reference to the ThreadPrefetcher, so dropping that stops it."""
+    lower_priority(thread_only=True)
     try:
         for item in iterator:
             if not _put(items, stop, item):
@@ -174,7 +209,7 @@ class PrefetchedLoader:
 
 def build_loader(
     dataset: Dataset, batch_size: int, sampler: Iterable, *, seed: int, num_workers: int,
-    pin_memory: bool, prefetch_factor: int, drop_last: bool = True,
+    pin_memory: bool, prefetch_factor: int, drop_last: bool = True, nice_workers: bool = False,
 ) -> DataLoader | PrefetchedLoader:
     """A training loader over ``sampler``'s indices with per-sample augmentation seeds.
 
@@ -184,7 +219,8 @@ def build_loader(
     flight. ``num_workers == 0``: loading in the main process, ``prefetch_factor`` batches ahead
     in a background thread. The worker base seed (what ``random``/numpy see in workers) comes
     from a private generator seeded with ``seed``, so building a loader never draws from the
-    global RNG.
+    global RNG. ``nice_workers`` (for runs whose model trains on the CPU) lowers the worker
+    processes' priority (module docstring).
     """
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0 here, got {num_workers}")
@@ -195,9 +231,16 @@ def build_loader(
         SeededDataset(dataset), batch_size=batch_size, sampler=SeededSampler(sampler, seed), drop_last=drop_last,
         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=workers,
         prefetch_factor=prefetch_factor if workers else None,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(seed), worker_init_fn=worker_init_fn(nice_workers),
     )
     return loader if workers else PrefetchedLoader(loader, prefetch_factor)
+
+
+def worker_init_fn(nice_workers: bool):
+    """The DataLoader ``worker_init_fn``: lower the worker's priority when ``nice_workers``. (Seeds
+    need nothing here: PyTorch seeds random/numpy/torch per worker from the loader's generator,
+    and the augmentations are reseeded per sample anyway.)"""
+    return _lower_worker_priority if nice_workers else None
 
 
 def loader_sampler(loader: DataLoader | PrefetchedLoader) -> SeededSampler:

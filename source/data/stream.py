@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from source.data.loader import SeededDataset, ThreadPrefetcher, sample_seed
+from source.data.loader import SeededDataset, ThreadPrefetcher, sample_seed, worker_init_fn
 
 
 def pass_indices(num_samples: int, batch_size: int, rank: int, world_size: int, seed: int, pass_index: int) -> list[int]:
@@ -55,14 +55,15 @@ class BatchStream:
     like ``DistributedSampler(drop_last=True)``. Sample i of pass k is augmented from the seed
     ``sample_seed(seed, k, i)``. One DataLoader serves the whole stream: ``num_workers > 0``
     persistent worker processes keep ``prefetch_factor`` batches each in flight;
-    ``num_workers == 0`` loads in a background thread ``prefetch_factor`` batches ahead.
+    ``num_workers == 0`` loads in a background thread ``prefetch_factor`` batches ahead;
+    ``nice_workers`` lowers the worker processes' priority (for CPU runs, see ``source.data.loader``).
     ``wait_s`` accumulates the time ``next()`` waited for data (the input-pipeline stall) and
     ``samples_read`` the samples it returned (this rank), for throughput reports.
     """
 
     def __init__(
         self, dataset: Dataset, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-        num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2,
+        num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2, nice_workers: bool = False,
     ) -> None:
         per_pass = len(dataset) // (batch_size * world_size)
         if per_pass == 0:
@@ -74,7 +75,7 @@ class BatchStream:
             raise ValueError(f"need num_workers >= 0 and prefetch_factor >= 1, got {num_workers}, {prefetch_factor}")
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
         self.seed, self.num_workers, self.pin_memory = seed, num_workers, pin_memory
-        self.prefetch_factor = prefetch_factor
+        self.prefetch_factor, self.nice_workers = prefetch_factor, nice_workers
         self.batches_per_pass = per_pass
         self.pass_index, self.batch_index = 0, 0
         self.wait_s, self.samples_read = 0.0, 0
@@ -92,6 +93,7 @@ class BatchStream:
             # Worker base seeds (random/numpy in workers) from a private generator: opening a
             # loader never draws from the global RNG.
             generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.pass_index),
+            worker_init_fn=worker_init_fn(self.nice_workers),
         )
         return iter(loader) if workers else ThreadPrefetcher(loader, self.prefetch_factor)
 
