@@ -75,9 +75,9 @@ WARMUP_UPDATE_BN_HELP = (
 # Shared by pre-training and the BiSSL lower level.
 LARS_ETA = 0.001  # LARS trust coefficient (You et al., 2017), as the paper.
 FINAL_LR_FACTOR = 0.001  # cosine schedules end at 0.001x the peak LR (paper).
-# A saved model tensor whose root-mean-square exceeds this has diverged even if the loss looks finite (BatchNorm
+# A parameter tensor whose root-mean-square exceeds this has diverged even if the loss looks finite (BatchNorm
 # makes a network blind to the scale of the weights before it); runs stop before saving it. Healthy ResNet
-# weights and BN statistics are O(1)-O(100).
+# weights are O(0.01)-O(1). (BN statistics are only checked for finiteness: they follow the input scale.)
 MAX_TENSOR_RMS = 1e6
 
 

@@ -185,19 +185,22 @@ def file_sha256(path: Path) -> str:
 
 @torch.no_grad()
 def unhealthy_tensors(modules: dict[str, nn.Module], max_rms: float) -> list[str]:
-    """Names of floating-point parameters and buffers that are non-finite or whose root-mean-square
-    exceeds ``max_rms`` (weights can explode while a BatchNorm-normalised loss stays finite)."""
+    """Names of non-finite floating-point parameters and buffers, and of parameters whose
+    root-mean-square exceeds ``max_rms`` (weights can explode while a BatchNorm-normalised loss
+    stays finite). Buffers are not bounded: BN statistics follow the data's scale (the published
+    weights carry statistics of 0-255 inputs)."""
     problems = []
     for name, module in modules.items():
-        for key, tensor in module.state_dict().items():
+        parameters = {id(param) for param in module.parameters()}
+        for key, tensor in module.state_dict(keep_vars=True).items():
             if not tensor.is_floating_point() or tensor.numel() == 0:
                 continue
             if not bool(torch.isfinite(tensor).all()):
                 problems.append(f"{name}.{key} is not finite")
-                continue
-            rms = float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) / tensor.numel() ** 0.5
-            if rms > max_rms:
-                problems.append(f"{name}.{key} has root-mean-square {rms:.3g} > {max_rms:g}")
+            elif id(tensor) in parameters:
+                rms = float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) / tensor.numel() ** 0.5
+                if rms > max_rms:
+                    problems.append(f"{name}.{key} has root-mean-square {rms:.3g} > {max_rms:g}")
     return problems
 
 
