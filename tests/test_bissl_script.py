@@ -55,6 +55,9 @@ def test_two_rank_run_writes_the_bissl_backbone(setup, tmp_path, kind):
     assert "val/top1" in config["history"][-1] and "cg/residual_last" in config["history"][-1]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("warmup/loss" in row for row in rows) and any("upper/loss" in row for row in rows)
+    speeds = [row for row in rows if "throughput/images_per_s" in row]
+    assert len(speeds) == 2 and all(row["throughput/images_per_s"] > 0 for row in speeds)
+    assert all(0 <= row["throughput/data_wait_frac"] <= 1 for row in speeds)
 
 
 def test_resume_after_kill_matches_uninterrupted(setup, tmp_path):

@@ -37,6 +37,9 @@ def test_two_ranks_end_identical_and_write_outputs(images, tmp_path, pretext, fi
     assert final["rank_fingerprints"][0] == final["rank_fingerprints"][1]
     metrics = (tmp_path / "runs" / f"{stem}_dset-imagefolder" / "metrics.jsonl").read_text().splitlines()
     assert metrics and "train/loss" in json.loads(metrics[0])
+    first = json.loads(metrics[0])
+    assert first["train/images_per_s"] > 0 and 0 <= first["train/data_wait_frac"] <= 1
+    assert any("epoch/images_per_s" in json.loads(line) for line in metrics)
 
 
 def test_resume_after_kill_matches_uninterrupted_run(images, tmp_path):
