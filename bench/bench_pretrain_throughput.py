@@ -16,9 +16,10 @@ everything a real run does per step: augmentations, collation, the rank all-redu
 the LR schedule and the progress bar.
 
 All measurements of one image size are interleaved (bare, script w=0, script w=2, then the
-reverse order, ...) ``--repeats`` times; the table gives medians and each script's share of the
-bare step's images/s (issue 9's target: >= 0.85 at 32 px, batch 64, --num-workers 0 and 2).
-An "image" is one sample (two views). The load average is printed before and after.
+reverse order, ...) ``--repeats`` times; the table gives medians, each script's share of the
+bare step's images/s (issue 9's target: >= 0.85 at 32 px, batch 64, --num-workers 0 and 2) and
+the share of its time the script waited for data. An "image" is one sample (two views). The
+load average is printed before and after.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from functools import partial
 from pathlib import Path
 
@@ -45,6 +47,7 @@ from source.pretext import SimCLR  # noqa: E402
 from source.runtime import amp_dtype  # noqa: E402
 
 MLP = "256-256-256"  # the default projector of ssl_pre-training.py
+waits: defaultdict[tuple[int, int], list[float]] = defaultdict(list)  # (size, workers) -> data-wait shares
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -98,7 +101,8 @@ def bare_images_per_second(args: argparse.Namespace, img_size: int, device: torc
 
 def script_images_per_second(args: argparse.Namespace, img_size: int, workers: int, device: torch.device) -> float:
     """Steady-state images/s of one ``ssl_pre-training.py`` run (harmonic mean of its metric intervals
-    after the first, i.e. total images over total time)."""
+    after the first, i.e. total images over total time); its mean share of time waiting for data
+    goes to ``waits``."""
     with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as run_dir:
         command = [
             sys.executable, str(ROOT / "ssl_pre-training.py"), "--pretext-type", "simclr", "--dset", "fashionmnist",
@@ -113,10 +117,11 @@ def script_images_per_second(args: argparse.Namespace, img_size: int, workers: i
         if result.returncode != 0:
             raise SystemExit(f"ssl_pre-training.py failed:\n{result.stderr[-3000:]}")
         lines = [json.loads(line) for line in (Path(run_dir) / "run" / "metrics.jsonl").read_text().splitlines()]
-    rates = [line["train/images_per_s"] for line in lines if "train/images_per_s" in line][1:]
-    if not rates:
+    intervals = [line for line in lines if "train/images_per_s" in line][1:]
+    if not intervals:
         raise SystemExit("the script logged too few intervals; raise --script-steps or lower --log-every")
-    return statistics.harmonic_mean(rates)
+    waits[(img_size, workers)].append(statistics.mean(line["train/data_wait_frac"] for line in intervals))
+    return statistics.harmonic_mean([line["train/images_per_s"] for line in intervals])
 
 
 def main(args: argparse.Namespace) -> None:
@@ -140,8 +145,11 @@ def main(args: argparse.Namespace) -> None:
         bare = statistics.median(rates["bare"])
         print(f"{size} px")
         for name, values in rates.items():
+            wait = ""
+            if name.startswith("script"):
+                wait = f", waiting for data {statistics.median(waits[(size, int(name.split()[-1]))]):.0%} of the time"
             print(f"  {name:<26} {statistics.median(values):8.1f} images/s   x{statistics.median(values) / bare:5.2f} of bare"
-                  f"   (runs: {', '.join(f'{v:.1f}' for v in values)})")
+                  f"   (runs: {', '.join(f'{v:.1f}' for v in values)}{wait})")
     print(f"load average after: {os.getloadavg()}")
 
 
