@@ -11,6 +11,11 @@ lightly's side is ``BYOLTransform(BYOLView1Transform(min_scale=...), BYOLView2Tr
 with otherwise default parameters, which are exactly these (lightly 1.6; install it from
 requirements-dev.txt).
 
+``--jpeg-side 500`` adds one more line: our pipeline at the largest ``--sizes`` value on JPEG
+files of ImageNet's typical size (500 x 375, quality 90; decoding included, as an ImageFolder run
+pays it), i.e. the CPU cost c of one ImageNet-style sample: a GPU that trains g images/s needs
+about g * c / 1000 loader cores (README, Data loading).
+
 The two pipelines are timed interleaved (ours, lightly, lightly, ours, ...), one pass over all the
 images each, in the same process, for every image size and torch thread count; the table
 gives the median ms per image (both views) over the repeats and the ratio ours / lightly
@@ -19,6 +24,7 @@ gives the median ms per image (both views) over the repeats and the ratio ours /
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import statistics
 import sys
@@ -27,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
@@ -41,6 +48,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=int, default=1000, help="images per timed pass (default: 1000)")
     parser.add_argument("--repeats", type=int, default=7, help="timed passes per pipeline and setting (default: 7)")
     parser.add_argument("--crop-min-scale", type=float, default=0.5, help="crop area minimum (default: 0.5, the paper's)")
+    parser.add_argument("--jpeg-side", type=int, default=0,
+                        help="also time ours on JPEGs this wide (4:3, decoding included); 0 = skip (default: 0)")
     parser.add_argument("--quick", action="store_true", help="64 images, 2 repeats: only checks that the bench runs")
     return parser
 
@@ -72,6 +81,30 @@ def ms_per_image(transform, images: list, seed: int) -> float:
     return (time.perf_counter() - start) * 1000 / len(images)
 
 
+class DecodeThen:
+    """Decode JPEG bytes to RGB, then apply ``transform`` (what an ImageFolder sample costs)."""
+
+    def __init__(self, transform) -> None:
+        self.transform = transform
+
+    def __call__(self, data: bytes):
+        return self.transform(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def jpeg_files(images: list, side: int) -> list[bytes]:
+    """The images upscaled to ``side`` x ``side * 3 // 4`` with mild noise (texture for the
+    encoder), encoded as quality-90 JPEGs in memory."""
+    rng = np.random.default_rng(0)
+    files = []
+    for image in images:
+        pixels = np.asarray(image.resize((side, side * 3 // 4), Image.BICUBIC), dtype=np.int16)
+        pixels = np.clip(pixels + rng.integers(-12, 13, pixels.shape), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        files.append(buffer.getvalue())
+    return files
+
+
 def main(args: argparse.Namespace) -> None:
     if args.quick:
         args.images, args.repeats = 64, 2
@@ -93,6 +126,14 @@ def main(args: argparse.Namespace) -> None:
                     times[name].append(ms_per_image(pipelines[name], images, seed=repeat))
             ours, theirs = statistics.median(times["ours"]), statistics.median(times["lightly"])
             print(f"{size:>5} {threads:>7} {ours:>12.3f} {theirs:>15.3f} {ours / theirs:>13.2f}")
+    if args.jpeg_side:
+        size, files = max(args.sizes), jpeg_files(images, args.jpeg_side)
+        torch.set_num_threads(1)
+        pipeline = DecodeThen(pretext_transform(size, args.crop_min_scale))
+        ms_per_image(pipeline, files[:16], seed=0)
+        cost = statistics.median(ms_per_image(pipeline, files, seed=repeat) for repeat in range(args.repeats))
+        print(f"ours at {size} px on {args.jpeg_side}x{args.jpeg_side * 3 // 4} JPEGs, decoding included: {cost:.3f} ms/img "
+              f"(one core feeds {1000 / cost:.0f} images/s)")
     print(f"load average after: {os.getloadavg()}")
 
 
