@@ -195,7 +195,7 @@ def main(args: argparse.Namespace) -> None:
 
     def save_checkpoint(alternation: int) -> None:
         # Collectives: every rank stops together if any model diverged or the ranks drifted apart.
-        ckpt.check_healthy(models, f"by alternation {alternation}", cfg.MAX_TENSOR_RMS)
+        ckpt.check_healthy(models, f"by alternation {alternation}", cfg.MAX_TENSOR_RMS, cfg.MAX_BUFFER_RMS)
         check_ranks_identical(models, f"after alternation {alternation}")
         rng_states = ckpt.all_rank_rng_states()
         if env.is_main:

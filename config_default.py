@@ -76,9 +76,12 @@ WARMUP_UPDATE_BN_HELP = (
 LARS_ETA = 0.001  # LARS trust coefficient (You et al., 2017), as the paper.
 FINAL_LR_FACTOR = 0.001  # cosine schedules end at 0.001x the peak LR (paper).
 # A parameter tensor whose root-mean-square exceeds this has diverged even if the loss looks finite (BatchNorm
-# makes a network blind to the scale of the weights before it); runs stop before saving it. Healthy ResNet
-# weights are O(0.01)-O(1). (BN statistics are only checked for finiteness: they follow the input scale.)
-MAX_TENSOR_RMS = 1e6
+# makes a network blind to the scale of the weights before it; SGD at lr 1e6 reaches 5e4 in 6 steps); runs stop
+# before saving it. Healthy ResNet weights are O(0.01)-O(1), and LARS growth over a long run stays far below.
+MAX_TENSOR_RMS = 1e4
+# The same for buffers (BN statistics). They follow the input scale (the published weights carry statistics of
+# 0-255 inputs, up to ~1e6) and a high-lr fine-tuning trial can reach 1e7, while a diverged run reaches 1e20+.
+MAX_BUFFER_RMS = 1e12
 
 
 @dataclass

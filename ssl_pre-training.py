@@ -133,7 +133,7 @@ def main(args: argparse.Namespace) -> None:
         logger.info("epoch %d/%d: loss %.4f", epoch + 1, args.epochs, mean_loss)
         # Never checkpoint a diverged model; BN statistics are per rank under DDP on CPU, so only
         # the parameters must agree.
-        ckpt.check_healthy({"model": model}, f"in epoch {epoch + 1}", cfg.MAX_TENSOR_RMS)
+        ckpt.check_healthy({"model": model}, f"in epoch {epoch + 1}", cfg.MAX_TENSOR_RMS, cfg.MAX_BUFFER_RMS)
         check_ranks_identical({"model": model}, f"after epoch {epoch + 1}", include_buffers=False)
         rng_states = ckpt.all_rank_rng_states()
         if env.is_main:

@@ -184,11 +184,11 @@ def file_sha256(path: Path) -> str:
 
 
 @torch.no_grad()
-def unhealthy_tensors(modules: dict[str, nn.Module], max_rms: float) -> list[str]:
-    """Names of non-finite floating-point parameters and buffers, and of parameters whose
-    root-mean-square exceeds ``max_rms`` (weights can explode while a BatchNorm-normalised loss
-    stays finite). Buffers are not bounded: BN statistics follow the data's scale (the published
-    weights carry statistics of 0-255 inputs)."""
+def unhealthy_tensors(modules: dict[str, nn.Module], max_rms: float, max_buffer_rms: float) -> list[str]:
+    """Names of non-finite floating-point parameters and buffers, and of those whose root-mean-square
+    exceeds ``max_rms`` (parameters) or ``max_buffer_rms`` (buffers): weights can explode while a
+    BatchNorm-normalised loss stays finite. Buffers get a far looser bound because BN statistics
+    follow the data's scale (the published weights carry statistics of 0-255 inputs)."""
     problems = []
     for name, module in modules.items():
         parameters = {id(param) for param in module.parameters()}
@@ -197,17 +197,18 @@ def unhealthy_tensors(modules: dict[str, nn.Module], max_rms: float) -> list[str
                 continue
             if not bool(torch.isfinite(tensor).all()):
                 problems.append(f"{name}.{key} is not finite")
-            elif id(tensor) in parameters:
+            else:
                 rms = float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) / tensor.numel() ** 0.5
-                if rms > max_rms:
-                    problems.append(f"{name}.{key} has root-mean-square {rms:.3g} > {max_rms:g}")
+                limit = max_rms if id(tensor) in parameters else max_buffer_rms
+                if rms > limit:
+                    problems.append(f"{name}.{key} has root-mean-square {rms:.3g} > {limit:g}")
     return problems
 
 
-def check_healthy(modules: dict[str, nn.Module], where: str, max_rms: float) -> None:
+def check_healthy(modules: dict[str, nn.Module], where: str, max_rms: float, max_buffer_rms: float) -> None:
     """Raise :class:`DivergedStateError` on EVERY rank (a collective) if any rank's ``modules``
     hold non-finite or exploding values; called before saving so a checkpoint is always finite."""
-    everyone = gather_objects(unhealthy_tensors(modules, max_rms))
+    everyone = gather_objects(unhealthy_tensors(modules, max_rms, max_buffer_rms))
     problems = [f"rank {rank}: {problem}" for rank, found in enumerate(everyone) for problem in found]
     if problems:
         shown = "; ".join(problems[:6]) + (f" ... ({len(problems)} in all)" if len(problems) > 6 else "")

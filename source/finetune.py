@@ -196,7 +196,7 @@ def fine_tune(
             if not math.isfinite(val_scores["loss"]):
                 raise TrialDiverged(f"non-finite validation loss ({val_scores['loss']}) after epoch {epoch}")
             # Weights can explode while BatchNorm keeps the loss finite: that is a divergence too.
-            if problems := unhealthy_tensors({"model": model}, cfg.MAX_TENSOR_RMS):
+            if problems := unhealthy_tensors({"model": model}, cfg.MAX_TENSOR_RMS, cfg.MAX_BUFFER_RMS):
                 raise TrialDiverged(f"diverged weights after epoch {epoch}: {'; '.join(problems[:3])}")
             metrics = {"epoch": epoch, "train/loss": train_loss, "train/lr": lr_at_start,
                        **{f"val/{key}": value for key, value in val_scores.items()}}

@@ -215,15 +215,21 @@ def test_model_dir_that_cannot_be_written_fails_at_start(tmp_path):
 # --------------------------------------------------------------------------- finite checkpoints
 def test_non_finite_or_exploding_state_is_never_saved():
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
-    ckpt.check_healthy({"model": model}, "in a test", max_rms=1e6)
+    model[1].running_var.fill_(1e8)  # large statistics alone (inputs in 0-255) are no divergence
+    ckpt.check_healthy({"model": model}, "in a test", max_rms=1e4, max_buffer_rms=1e12)
     model[1].running_var[2] = math.inf  # what the last step before a NaN loss can leave behind
     with pytest.raises(DivergedStateError, match=r"model\.1\.running_var is not finite"):
-        ckpt.check_healthy({"model": model}, "in a test", max_rms=1e6)
+        ckpt.check_healthy({"model": model}, "in a test", max_rms=1e4, max_buffer_rms=1e12)
     model[1].running_var.fill_(1.0)
     with torch.no_grad():
         model[0].weight.fill_(1e19)  # the loss of a BN network can stay finite with such weights
     with pytest.raises(DivergedStateError, match=r"model\.0\.weight has root-mean-square 1e\+19"):
-        ckpt.check_healthy({"model": model}, "in a test", max_rms=1e6)
+        ckpt.check_healthy({"model": model}, "in a test", max_rms=1e4, max_buffer_rms=1e12)
+    with torch.no_grad():
+        model[0].weight.fill_(0.1)
+    model[1].running_var.fill_(1e22)  # what SGD at lr 1e6 leaves after 6 steps
+    with pytest.raises(DivergedStateError, match=r"model\.1\.running_var has root-mean-square 1e\+22"):
+        ckpt.check_healthy({"model": model}, "in a test", max_rms=1e4, max_buffer_rms=1e12)
 
 
 # --------------------------------------------------------------------------- changed flags
