@@ -250,6 +250,7 @@ def compare_scores(baseline: dict[int, float], other: dict[int, float]) -> Diffe
 def _fmt(value: float, digits: int = 2, sign: bool = False) -> str:
     if value is None or not math.isfinite(value):
         return "-"
+    value = round(value, digits) + 0.0  # no "-0.00"
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
@@ -333,12 +334,16 @@ def markdown_report(runs: Sequence[Run], top_k: int = 5, extra_columns: dict[str
                   "| run | model | test | n | difference | 95 % CI | p (t-test) | p (Wilcoxon) | p (sign) |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for record in records:
-            diff = record["difference"]
+            diff, run = record["difference"], record["run"]
             if diff is None:
                 continue
+            same_models = all(r.scores("test_final") == r.scores("test_best") for r in (baseline, run))
+            if same_models and record["model"] != "final":
+                continue  # the best-val model is the final one in both runs: one row says it all
+            model = "final = best-val" if same_models else record["model"]
             test = "paired t" if diff.test == "paired" else "Welch t"
             ci = f"[{_fmt(diff.ci_low, sign=True)}, {_fmt(diff.ci_high, sign=True)}]"
-            lines.append(f"| {record['run'].label} | {record['model']} | {test} | {diff.n} | {_fmt(diff.mean, sign=True)} | {ci} | "
+            lines.append(f"| {run.label} | {model} | {test} | {diff.n} | {_fmt(diff.mean, sign=True)} | {ci} | "
                          f"{_p(diff.p_value)} | {_p(diff.p_wilcoxon)} | {_p(diff.p_sign)} |")
         lines += ["", "Paired: same trial seeds (head initialisation, batch order, augmentations), n = number of pairs; "
                   "Welch: unpaired, n = both runs' trials. A CI that contains 0 means no difference was shown at this n."]

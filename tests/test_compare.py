@@ -130,6 +130,8 @@ def test_runs_are_paired_by_seed_not_by_row_order(tmp_path):
     assert diff.mean == pytest.approx(np.mean(DIFFS[2:8]), abs=1e-9)
     report = markdown_report(runs)
     assert "paired t | 6 |" in report and f"{np.mean(DIFFS[2:8]):+.2f}" in report
+    # The best-val model is the final one in every trial here: one row instead of two equal ones.
+    assert report.count("| bissl | final = best-val | paired t |") == 1 and "| bissl | best-val |" not in report
 
 
 def test_runs_without_shared_seeds_use_welch(tmp_path):
@@ -193,6 +195,7 @@ def test_command_writes_markdown_csv_and_figure(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "| SimCLR (baseline) |" in printed and (out / "t.md").read_text().strip() in printed
+    assert "| BiSSL | final | paired t |" in printed and "| BiSSL | best-val | paired t |" in printed
     rows = list(csv.DictReader((out / "t.csv").open()))
     assert [(row["label"], row["model"]) for row in rows] == [("SimCLR", "final"), ("SimCLR", "best-val"),
                                                                ("BiSSL", "final"), ("BiSSL", "best-val")]
