@@ -94,3 +94,29 @@ def test_prefetch_thread_yields_the_cores_to_the_training_thread():
     main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert list(ThreadPrefetcher(niceness())) == [min(19, main + BACKGROUND_NICE)]
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main  # the training thread keeps its own
+
+
+EXIT_WITH_A_BUSY_PREFETCHER = """
+import torch
+from source.data.loader import ThreadPrefetcher
+
+def batches():
+    while True:  # endless torch work, as a BatchStream's loader
+        yield torch.randn(64, 3, 32, 32).mul(2).sum()
+
+prefetcher = ThreadPrefetcher(batches(), depth=2)
+next(prefetcher)
+print("done")  # exits without closing: the interpreter's exit must stop and join the thread
+"""
+
+
+def test_interpreter_exit_with_a_running_prefetch_thread_is_clean():
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for _ in range(3):
+        result = subprocess.run([sys.executable, "-c", EXIT_WITH_A_BUSY_PREFETCHER], cwd=root,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "done"

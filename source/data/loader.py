@@ -36,10 +36,12 @@ dropout), and reading the state for a checkpoint is harmless (augmentations do n
 """
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import sys
 import threading
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -153,12 +155,27 @@ def _fill(iterator: Iterator, items: queue.Queue, stop: threading.Event) -> None
         _put(items, stop, error)
 
 
+# Prefetchers whose thread may still run. At interpreter exit they are closed and joined: a daemon
+# thread still inside a torch operator while the interpreter tears down aborts the process
+# ("terminate called without an active exception"), after a run had finished and saved.
+_LIVE_PREFETCHERS: weakref.WeakSet = weakref.WeakSet()
+# How long close() waits for the thread to finish the item it is loading.
+JOIN_TIMEOUT_S = 120.0
+
+
+@atexit.register
+def _close_live_prefetchers() -> None:
+    for prefetcher in list(_LIVE_PREFETCHERS):
+        prefetcher.close()
+
+
 class ThreadPrefetcher:
     """Iterate ``iterable`` in a background thread, keeping up to ``depth`` items ready.
 
     Items arrive in order; an exception in the thread is re-raised in the consumer at the item
-    where it happened. ``close()`` (or dropping the prefetcher) stops the thread after at most
-    one more item. Used when the main process loads the data (``--num-workers 0``).
+    where it happened. ``close()`` stops the thread after at most the item it is loading and
+    waits for it; dropping the prefetcher stops it without waiting, and interpreter exit closes
+    every live one. Used when the main process loads the data (``--num-workers 0``).
     """
 
     def __init__(self, iterable: Iterable, depth: int = 2) -> None:
@@ -170,6 +187,7 @@ class ThreadPrefetcher:
         self._thread = threading.Thread(target=_fill, args=(iter(iterable), self._queue, self._stop),
                                         name="prefetch", daemon=True)
         self._thread.start()
+        _LIVE_PREFETCHERS.add(self)
 
     def __iter__(self) -> ThreadPrefetcher:
         return self
@@ -189,6 +207,9 @@ class ThreadPrefetcher:
     def close(self) -> None:
         self._stop.set()
         self._done = True
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(JOIN_TIMEOUT_S)
+        _LIVE_PREFETCHERS.discard(self)
 
     def __del__(self) -> None:
         self._stop.set()
