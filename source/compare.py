@@ -52,6 +52,7 @@ CONFIDENCE = 0.95
 NOT_COMPARED = (
     "data_dir", "model_dir", "download_dataset", "device", "num_workers", "world_size", "dist_url", "omp_num_threads",
     "run_dir", "resume", "amp", "wandb_project", "wandb_mode", "log_every", "num_runs", "save_model",
+    "prefetch_factor", "channels_last",  # loading and memory layout; fine-tuning.py lets them change on resume too
     "backbone_origin", "pretrained_backbone_filename", "seed", "lr", "wd",
 )
 HPO_SETTINGS = ("hpo_lr_min", "hpo_lr_max", "hpo_wd_min", "hpo_wd_max")  # compared between HPO runs only
