@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import config_default as cfg
@@ -41,7 +40,7 @@ from source.data import (
 from source.data.stream import BatchStream
 from source.distributed import barrier, broadcast_module_, check_ranks_identical, cleanup_distributed
 from source.engine import memory_format
-from source.evaluation import ShardedEvalSampler, evaluate
+from source.evaluation import evaluate, sharded_eval_loader
 from source.losses import downstream_criterion
 from source.models import build_backbone
 from source.optim import build_optimizer, warmup_cosine_scheduler
@@ -146,9 +145,8 @@ def main(args: argparse.Namespace) -> None:
     upper_stream = BatchStream(upper_train, upper_batch, seed=args.seed + 1, **stream_options)
     # The curvature probe's own batches, so probing leaves the training batches as they were.
     probe_stream = BatchStream(pretext_set, lower_batch, seed=args.seed + 2, **stream_options) if args.curvature_every else None
-    val_loader = DataLoader(val_set, batch_size=upper_batch, sampler=ShardedEvalSampler(val_set, env.rank, env.world_size),
-                            num_workers=args.num_workers, pin_memory=env.device.type == "cuda",
-                            persistent_workers=args.num_workers > 0)  # evaluated after every alternation
+    val_loader = sharded_eval_loader(val_set, upper_batch, num_workers=args.num_workers, pin_memory=env.device.type == "cuda",
+                                     persistent_workers=True)  # evaluated after every alternation
     logger.info("downstream %s: %d train / %d val, %d classes; pretext %s: %d images",
                 args.d_dset, len(upper_train), len(val_set), splits.num_classes, args.p_dset, len(pretext_set))
 

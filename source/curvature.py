@@ -171,15 +171,15 @@ def probe_next_batch(lower_model: nn.Module, stream: Iterator, num_iters: int, l
                      device: torch.device, seed: int = 0) -> CurvatureReport:
     """``bissl.py --curvature-every``: probe on the next batch of a stream of its own, leaving training as it was.
 
-    The batch comes from a separate stream and the augmentations' random draws happen inside
-    ``torch.random.fork_rng``, so a run with the probe sees the same batches, augmentations and
-    models as one without it.
+    The batch comes from a separate stream whose augmentations are seeded per sample
+    (``source.data.loader``) and the Lanczos start vector from a private generator, so the probe
+    draws nothing from the global RNG: a run with the probe sees the same batches, augmentations
+    and models as one without it. (It must not fork or restore the global RNG either: the
+    streams' loading threads reseed it concurrently.)
     """
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        (view1, view2), _ = next(stream)
-        views = (view1.to(device, non_blocking=True), view2.to(device, non_blocking=True))
-        return probe_lower_model(lower_model, views, num_iters, lam_plus_delta, seed)
+    (view1, view2), _ = next(stream)
+    views = (view1.to(device, non_blocking=True), view2.to(device, non_blocking=True))
+    return probe_lower_model(lower_model, views, num_iters, lam_plus_delta, seed)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence, Sized
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from source.distributed import all_reduce_sum_, gather_no_grad, get_rank, get_world_size
 
@@ -122,6 +122,20 @@ class ShardedEvalSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.dataset_size, self.world_size))
+
+
+def sharded_eval_loader(dataset: Dataset, batch_size: int, *, num_workers: int = 0, pin_memory: bool = False,
+                        persistent_workers: bool = False) -> DataLoader:
+    """A loader over this rank's :class:`ShardedEvalSampler` shard, in order.
+
+    Its private generator matters: iterating a DataLoader draws a base seed from its generator,
+    by default torch's global one, and a draw in the main thread while a training stream's
+    prefetch thread reseeds that generator per sample (``source.data.loader``) would change that
+    sample's augmentation, making runs irreproducible.
+    """
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardedEvalSampler(dataset), num_workers=num_workers,
+                      pin_memory=pin_memory, persistent_workers=persistent_workers and num_workers > 0,
+                      generator=torch.Generator())
 
 
 def _gather_uneven(tensor: Tensor) -> Tensor:

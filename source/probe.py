@@ -40,7 +40,7 @@ from source import checkpoint as ckpt
 from source.cli import build_parser
 from source.data import MULTILABEL_DATASETS, build_downstream_splits, downstream_test_transform, subsample
 from source.distributed import all_reduce_sum_, broadcast_object, cleanup_distributed, get_world_size
-from source.evaluation import ShardedEvalSampler, _gather_uneven, topk_correct
+from source.evaluation import ShardedEvalSampler, _gather_uneven, sharded_eval_loader, topk_correct
 from source.models import build_backbone
 from source.runtime import amp_dtype, run_directory, start
 
@@ -288,8 +288,8 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
         backbone.to(env.device)
 
         def loader(dataset: Dataset) -> DataLoader:
-            return DataLoader(dataset, batch_size=args.batch_size, sampler=ShardedEvalSampler(dataset),
-                              num_workers=args.num_workers, pin_memory=env.device.type == "cuda")
+            return sharded_eval_loader(dataset, args.batch_size, num_workers=args.num_workers,
+                                       pin_memory=env.device.type == "cuda")
 
         if args.recalibrate_bn:
             batches = recalibrate_batchnorm(backbone, loader(datasets["train"]), env.device)

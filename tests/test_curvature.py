@@ -120,23 +120,23 @@ def test_report_numbers():
 
 
 def test_probe_during_training_changes_nothing_and_bissl_logs_it(tmp_path):
-    """The in-run probe draws its batch from its own stream under fork_rng: the global RNG (which
-    main-process augmentations use) and the model are as before; bissl.py logs its numbers."""
+    """The in-run probe draws nothing from the global RNG (its stream is seeded per sample, its
+    Lanczos start vector comes from a private generator) and leaves the model as it was."""
     from source.curvature import probe_next_batch
 
     model = _tiny_simclr().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def stream():
-        while True:  # augmentations drawing from the global RNG, as with --num-workers 0
-            yield (torch.rand(8, 3, 2, 2, dtype=torch.float64), torch.rand(8, 3, 2, 2, dtype=torch.float64)), None
+    fixed = torch.Generator().manual_seed(1)
+    batch = (torch.rand(8, 3, 2, 2, dtype=torch.float64, generator=fixed),
+             torch.rand(8, 3, 2, 2, dtype=torch.float64, generator=fixed))
 
     torch.manual_seed(5)
     rng = torch.get_rng_state()
-    report = probe_next_batch(model, stream(), 5, 10.001, torch.device("cpu"))
+    report = probe_next_batch(model, iter([(batch, None)]), 5, 10.001, torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert len(report.ritz) == 5 and report.min <= report.max
+    assert report.ritz == probe_next_batch(model, iter([(batch, None)]), 5, 10.001, torch.device("cpu")).ritz
 
 
 def test_bissl_script_with_minres_and_the_probe(tmp_path):

@@ -106,7 +106,10 @@ def batches():
 
 prefetcher = ThreadPrefetcher(batches(), depth=2)
 next(prefetcher)
-print("done")  # exits without closing: the interpreter's exit must stop and join the thread
+dropped = ThreadPrefetcher(batches(), depth=2)
+next(dropped)
+del dropped  # as a stream going out of scope when main() returns: stopped, not joined
+print("done")  # exits without closing: the interpreter's exit must stop and join both threads
 """
 
 
@@ -120,3 +123,58 @@ def test_interpreter_exit_with_a_running_prefetch_thread_is_clean():
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == "done"
+
+
+def test_two_prefetching_streams_in_one_process_draw_the_same_views_as_one_alone():
+    """bissl.py's lower and upper streams load in two threads of one process: their per-sample
+    reseeds must not interleave (each stream's views equal those it gives when alone)."""
+    from source.data.stream import BatchStream
+
+    class Noisy(Dataset):
+        def __len__(self) -> int:
+            return 64
+
+        def __getitem__(self, index: int) -> torch.Tensor:
+            draws = [torch.rand(1) for _ in range(200)]  # many draws: a reseed between them shows
+            return torch.cat(draws)
+
+    def read(stream: BatchStream, count: int) -> list[torch.Tensor]:
+        return [next(stream) for _ in range(count)]
+
+    single = BatchStream(Noisy(), 4, seed=3, prefetch_factor=4)
+    alone = read(single, 12)
+    first, second = BatchStream(Noisy(), 4, seed=3, prefetch_factor=4), BatchStream(Noisy(), 4, seed=9, prefetch_factor=4)
+    together = []
+    for _ in range(12):  # both threads fill their queues at the same time
+        together.append(next(first))
+        next(second)
+    for stream in (single, first, second):
+        stream.close()
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))
+
+
+def test_evaluating_in_the_main_thread_leaves_a_prefetching_streams_views_alone():
+    """bissl.py evaluates after every alternation while its streams' threads load ahead: the
+    evaluation loader must not draw from the global generator they reseed per sample (a default
+    DataLoader draws its base seed there and changed the views: BiSSL runs did not repeat)."""
+    from source.data.stream import BatchStream
+    from source.evaluation import sharded_eval_loader
+
+    class Noisy(Dataset):
+        def __len__(self) -> int:
+            return 64
+
+        def __getitem__(self, index: int) -> torch.Tensor:
+            return torch.cat([torch.rand(1) for _ in range(200)])
+
+    def read(evaluate: bool) -> list[torch.Tensor]:
+        stream, batches = BatchStream(Noisy(), 4, seed=3, prefetch_factor=4), []
+        for _ in range(12):
+            batches.append(next(stream))
+            if evaluate:
+                for _ in sharded_eval_loader(list(range(8)), 4):
+                    pass
+        stream.close()
+        return batches
+
+    assert all(torch.equal(a, b) for a, b in zip(read(False), read(True)))

@@ -29,8 +29,9 @@ scheduling priority by ``BACKGROUND_NICE``: they take the cores whenever the mod
 idle (between operators, in its single-threaded parts) and all of them when the training loop
 waits for data, but they do not pre-empt the model. (Linux; elsewhere the priority is unchanged.)
 
-The prefetch thread reseeds torch's global CPU generator per sample, so while it runs the
-training loop must neither draw from that generator nor set its state (``torch.manual_seed``,
+The prefetch threads reseed torch's global CPU generator per sample (one at a time, under a lock
+shared by all streams of the process), so while they run the training loop must neither draw
+from that generator nor set its state (``torch.manual_seed``,
 ``set_rng_state``, ``torch.random.fork_rng``): the project's models and losses draw nothing (no
 dropout), and reading the state for a checkpoint is harmless (augmentations do not depend on it).
 """
@@ -41,7 +42,6 @@ import os
 import queue
 import sys
 import threading
-import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -94,17 +94,25 @@ class SeededSampler(Sampler):
         return len(self.sampler)
 
 
+# Serialises reseed-and-augment across the prefetch threads of one process: bissl.py runs two
+# streams (lower, upper; three with --curvature-every) whose threads would otherwise reseed the
+# one global generator between each other's draws and make views depend on thread timing.
+_AUGMENT_LOCK = threading.Lock()
+
+
 class SeededDataset(Dataset):
     """``dataset`` indexed by ``(index, seed)``: reseeds torch's CPU generator with ``seed``, then
-    returns ``dataset[index]`` (whose transform then draws from that seed)."""
+    returns ``dataset[index]`` (whose transform then draws from that seed). Both happen under a
+    process-wide lock, so loading threads of several streams cannot interleave their draws."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
-        torch.default_generator.manual_seed(seed)
-        return self.dataset[index]
+        with _AUGMENT_LOCK:
+            torch.default_generator.manual_seed(seed)
+            return self.dataset[index]
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -155,18 +163,33 @@ def _fill(iterator: Iterator, items: queue.Queue, stop: threading.Event) -> None
         _put(items, stop, error)
 
 
-# Prefetchers whose thread may still run. At interpreter exit they are closed and joined: a daemon
-# thread still inside a torch operator while the interpreter tears down aborts the process
-# ("terminate called without an active exception"), after a run had finished and saved.
-_LIVE_PREFETCHERS: weakref.WeakSet = weakref.WeakSet()
-# How long close() waits for the thread to finish the item it is loading.
+# Every prefetch thread that may still run, with its stop flag. At interpreter exit all are stopped
+# and joined, also those whose prefetcher was dropped without close() (a stream going out of scope
+# when main() returns): a daemon thread still inside a torch operator while the interpreter tears
+# down aborts the process ("terminate called without an active exception") after the run has
+# finished and saved.
+_PREFETCH_THREADS: dict[threading.Thread, threading.Event] = {}
+_PREFETCH_THREADS_LOCK = threading.Lock()
+# How long stopping waits for a thread to finish the item it is loading.
 JOIN_TIMEOUT_S = 120.0
 
 
+def _register_thread(thread: threading.Thread, stop: threading.Event) -> None:
+    with _PREFETCH_THREADS_LOCK:
+        for finished in [t for t in _PREFETCH_THREADS if not t.is_alive()]:
+            del _PREFETCH_THREADS[finished]
+        _PREFETCH_THREADS[thread] = stop
+
+
 @atexit.register
-def _close_live_prefetchers() -> None:
-    for prefetcher in list(_LIVE_PREFETCHERS):
-        prefetcher.close()
+def _stop_prefetch_threads() -> None:
+    with _PREFETCH_THREADS_LOCK:
+        threads = list(_PREFETCH_THREADS.items())
+    for _, stop in threads:
+        stop.set()
+    for thread, _ in threads:
+        if thread.is_alive() and thread is not threading.current_thread():
+            thread.join(JOIN_TIMEOUT_S)
 
 
 class ThreadPrefetcher:
@@ -187,7 +210,7 @@ class ThreadPrefetcher:
         self._thread = threading.Thread(target=_fill, args=(iter(iterable), self._queue, self._stop),
                                         name="prefetch", daemon=True)
         self._thread.start()
-        _LIVE_PREFETCHERS.add(self)
+        _register_thread(self._thread, self._stop)
 
     def __iter__(self) -> ThreadPrefetcher:
         return self
@@ -209,7 +232,6 @@ class ThreadPrefetcher:
         self._done = True
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(JOIN_TIMEOUT_S)
-        _LIVE_PREFETCHERS.discard(self)
 
     def __del__(self) -> None:
         self._stop.set()

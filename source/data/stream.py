@@ -97,7 +97,9 @@ class BatchStream:
         )
         return iter(loader) if workers else ThreadPrefetcher(loader, self.prefetch_factor)
 
-    def _close(self) -> None:
+    def close(self) -> None:
+        """Stop loading ahead: join the prefetch thread, or let the worker processes shut down.
+        The position is kept; the next ``next()`` reopens the loader there."""
         if isinstance(self._iterator, ThreadPrefetcher):
             self._iterator.close()
         self._iterator = None  # worker processes shut down with their iterator
@@ -121,7 +123,7 @@ class BatchStream:
         return {"pass_index": self.pass_index, "batch_index": self.batch_index}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._close()
+        self.close()
         self.pass_index, self.batch_index = int(state["pass_index"]), int(state["batch_index"])
         if self.batch_index >= self.batches_per_pass:  # a position saved at the end of a pass
             self.pass_index, self.batch_index = self.pass_index + 1, 0
