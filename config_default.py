@@ -237,5 +237,6 @@ class ProbeConfig:
     knn_temperature: float = opt(0.07, "Temperature T of the kNN vote weights exp(cos / T) (0.07, as the SSL literature).", above=0)
     linear_wd: str = opt("1e-6,1e-5,1e-4,1e-3,1e-2", "Comma-separated L2 penalties of the linear probe; the best on val is reported on test.")
     linear_max_iter: int = opt(300, "L-BFGS iterations of the full-batch linear probe.", at_least=1)
-    recalibrate_bn: int = opt(0, "1: re-estimate BatchNorm running statistics on the train split first (needed when they belong to other inputs, e.g. the published weights).", (0, 1))
+    recalibrate_bn: int = opt(0, "1: re-estimate BatchNorm running statistics on the train split first "
+                                 "(needed when they belong to other inputs, e.g. the published weights).", (0, 1))
     cache_dir: str = opt("", "Feature cache (default: <model-dir>/probe_cache); keyed by the backbone's content hash and the data settings.")
