@@ -78,6 +78,8 @@ RESULT_NEUTRAL_FLAGS = frozenset({
     "data_dir", "model_dir", "download_dataset", "device", "num_workers", "prefetch_factor", "channels_last",
     "world_size", "dist_url", "omp_num_threads",
     "run_dir", "resume", "amp", "wandb_project", "wandb_mode", "log_every", "save_model", "cg_verbose",
+    # the in-run curvature probe reads its own stream and draws nothing from the global RNG
+    "curvature_every", "curvature_iters",
 })
 LOCK_FILENAME = "run.lock"
 # A killed process's DataLoader workers notice their parent is gone within about 5 s.
