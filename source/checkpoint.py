@@ -131,6 +131,17 @@ def sweep_temporaries(folder: Path, prefixes: Iterable[str] = ("",), only_dead: 
     return removed
 
 
+def save_figure_atomic(figure: Any, path: Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure to a temporary file beside ``path`` (format from its suffix,
+    default PNG), then ``os.replace`` it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    figure.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=dpi)
+    os.replace(tmp, path)
+    return path
+
+
 def write_json_atomic(obj: Any, path: Path) -> None:
     write_text_atomic(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
 

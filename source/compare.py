@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from source.checkpoint import save_figure_atomic
 from source.hpo import RESULTS_FILENAME, ResultsFile
 
 CONFIDENCE = 0.95
@@ -438,12 +439,7 @@ def plot_comparison(runs: Sequence[Run], path: Path, model: str = "final") -> Pa
         right.set_ylabel(f"difference to {runs[0].label} (points)")
         right.set_title(f"mean difference, {CONFIDENCE:.0%} CI", fontsize="medium")
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    figure.savefig(temporary, format=path.suffix.lstrip(".") or "png", dpi=120)
-    os.replace(temporary, path)
-    return path
+    return save_figure_atomic(figure, path)
 
 
 def _write(text: str, path: Path) -> None:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from source.checkpoint import save_figure_atomic
+
 try:  # POSIX only; elsewhere appends still go out as one write call each
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -298,9 +300,4 @@ def plot_hpo_grid(rows: list[dict], path: Path, metric_name: str) -> None:
     )
     figure.colorbar(points, ax=axes, label=f"best validation {metric_name}")
     figure.tight_layout()
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    figure.savefig(temporary, format=path.suffix.lstrip(".") or "png", dpi=120)
-    os.replace(temporary, path)
+    save_figure_atomic(figure, path)

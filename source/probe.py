@@ -222,14 +222,6 @@ def probe_features(features: dict[str, tuple[Tensor, Tensor]], num_classes: int,
 # --- cache -------------------------------------------------------------------------------
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cache_settings(args: argparse.Namespace, weights_hash: str, world_size: int) -> dict:
     """Everything the cached features depend on."""
     settings = {
@@ -274,7 +266,7 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
     weights_path = Path(args.model_dir) / args.backbone_filename
     if not weights_path.is_file():
         raise FileNotFoundError(f"backbone weights not found: {weights_path} (check --model-dir and --backbone-filename)")
-    settings = broadcast_object(cache_settings(args, file_sha256(weights_path), env.world_size) if env.is_main else None)
+    settings = broadcast_object(cache_settings(args, ckpt.file_sha256(weights_path), env.world_size) if env.is_main else None)
     cache = cache_path(args, settings)
     cached = broadcast_object(cache.is_file() if env.is_main else None)
 
