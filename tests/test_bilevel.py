@@ -34,12 +34,7 @@ from tests.distributed_harness import run_in_processes
 SHAPES = [(3,), (2, 2), (5,)]  # 12 unknowns split over three tensors of different shapes
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _split(flat: torch.Tensor, shapes) -> tuple[torch.Tensor, ...]:

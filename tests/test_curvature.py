@@ -17,13 +17,7 @@ from torch.func import functional_call
 from source.curvature import CurvatureReport, lanczos, probe_lower_model, ritz_values
 from source.pretext import SimCLR
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _symmetric(n: int, seed: int) -> torch.Tensor:
