@@ -50,6 +50,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--crop-min-scale", type=float, default=0.5, help="crop area minimum (default: 0.5, the paper's)")
     parser.add_argument("--jpeg-side", type=int, default=0,
                         help="also time ours on JPEGs this wide (4:3, decoding included); 0 = skip (default: 0)")
+    parser.add_argument("--skip-lightly", action="store_true",
+                        help="time ours alone (a machine without lightly, e.g. a GPU node measuring --jpeg-side)")
     parser.add_argument("--quick", action="store_true", help="64 images, 2 repeats: only checks that the bench runs")
     return parser
 
@@ -113,8 +115,9 @@ def main(args: argparse.Namespace) -> None:
           f"{args.repeats} interleaved passes per pipeline; load average {os.getloadavg()}")
     print(f"{'size':>5} {'threads':>7} {'ours ms/img':>12} {'lightly ms/img':>15} {'ours/lightly':>13}")
     for size in args.sizes:
-        pipelines = {"ours": pretext_transform(size, args.crop_min_scale),
-                     "lightly": lightly_transform(size, args.crop_min_scale)}
+        pipelines = {"ours": pretext_transform(size, args.crop_min_scale)}
+        if not args.skip_lightly:
+            pipelines["lightly"] = lightly_transform(size, args.crop_min_scale)
         for threads in args.threads:
             torch.set_num_threads(threads)
             for transform in pipelines.values():  # untimed warm-up pass
@@ -124,7 +127,11 @@ def main(args: argparse.Namespace) -> None:
                 order = list(pipelines) if repeat % 2 == 0 else list(reversed(pipelines))
                 for name in order:
                     times[name].append(ms_per_image(pipelines[name], images, seed=repeat))
-            ours, theirs = statistics.median(times["ours"]), statistics.median(times["lightly"])
+            ours = statistics.median(times["ours"])
+            if args.skip_lightly:
+                print(f"{size:>5} {threads:>7} {ours:>12.3f} {'-':>15} {'-':>13}")
+                continue
+            theirs = statistics.median(times["lightly"])
             print(f"{size:>5} {threads:>7} {ours:>12.3f} {theirs:>15.3f} {ours / theirs:>13.2f}")
     if args.jpeg_side:
         size, files = max(args.sizes), jpeg_files(images, args.jpeg_side)

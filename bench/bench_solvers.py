@@ -187,8 +187,9 @@ def solver_curves(hessian: HessianVectorOperator, lam_plus_delta: float, rhs, ma
 
 
 def time_upper_steps(base: BisslTrainer, scheme: str, solver: str, cg_iters: int, hessian_views, upper_batches,
-                     device: torch.device) -> float:
-    """Seconds for len(upper_batches) upper steps of a copy of ``base``."""
+                     device: torch.device) -> tuple[float, float]:
+    """Seconds for len(upper_batches) upper steps of a copy of ``base``, and the peak GPU memory
+    allocated meanwhile in MiB (NaN on CPU)."""
     trainer = copy.deepcopy(base)
     trainer.settings.cg_solver, trainer.settings.cg_iters = solver, cg_iters
     if scheme == "original":  # per-HVP recomputation, as the original code
@@ -197,12 +198,16 @@ def time_upper_steps(base: BisslTrainer, scheme: str, solver: str, cg_iters: int
         trainer.hessian_operator = lambda views: RecomputedHessian(
             lambda: model(view1, view2, gather_across_ranks=False), trainer.lower_backbone_params, model)
     _synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     hessian = trainer.hessian_operator(hessian_views) if scheme == "shared" else None
     for images, targets in upper_batches:
         trainer.upper_step(images, targets, hessian_views, hessian)
     _synchronize(device)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    return seconds, peak
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -301,16 +306,19 @@ def main(args: argparse.Namespace) -> dict:
                ("graph per alternation, layerwise", "shared", "layerwise", args.match_k),
                (f"graph per alternation, minres K={matched}", "shared", "minres", matched)]
     time_upper_steps(base, "shared", "layerwise", 1, views, upper_batches[:1], device)  # warm-up
-    timings = {}
+    timings, peaks = {}, {}
     print(f"\n{args.upper_steps} upper steps on the same batches (delta = {deltas[-1]:g}; layerwise adds one HVP to check x):")
     for label, scheme, solver, iters in schemes:
-        seconds = time_upper_steps(base, scheme, solver, iters, views, upper_batches, device)
+        seconds, peaks[label] = time_upper_steps(base, scheme, solver, iters, views, upper_batches, device)
         timings[label] = seconds
-        print(f"  {label:45}: {seconds:7.2f} s  ({seconds / args.upper_steps:.2f} s per step)")
+        memory = f", peak GPU memory {peaks[label]:.0f} MiB" if device.type == "cuda" else ""
+        print(f"  {label:45}: {seconds:7.2f} s  ({seconds / args.upper_steps:.2f} s per step{memory})")
     original = timings[schemes[0][0]]
     for label in list(timings)[1:]:
         print(f"  {label:45}: {timings[label] / original:.2f} x the original's time")
     results["upper_steps"] = {"n": args.upper_steps, "seconds": timings}
+    if device.type == "cuda":
+        results["upper_steps"]["peak_mib"] = peaks
     results["total_s"] = time.perf_counter() - total_start
     print(f"\ntotal {results['total_s']:.0f} s")
     if args.json:

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of this project in one call, for a lent one-GPU machine whose
+# python3 already has torch (figures go to bench/RESULTS.md by hand):
+#
+#   bash bench/cuda_run.sh [OUT_DIR]      # at most about 8.5 minutes on one H100/H200
+#
+# FashionMNIST comes from data/FashionMNIST/raw, or from gzipped copies in .gpu_data/ (what
+# travels to a machine that cannot download). Each part has its own time limit and a failure
+# does not stop the others; every part's full log lands in OUT_DIR.
+set -u
+OUT_DIR=${1:-${OUT:-/tmp/cuda_out}}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled WANDB_SILENT=true
+PY=${PY:-python3}
+SUMMARY="$OUT_DIR/summary.log"
+WORK=$(mktemp -d /tmp/bissl-cuda-XXXX)
+
+part() {  # part NAME LIMIT_S COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit} s) start $(date +%T)" | tee -a "$SUMMARY"
+    local start=$SECONDS
+    timeout --kill-after 10 "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
+    local rc=$?
+    tail -n 30 "$OUT_DIR/$name.log" >> "$SUMMARY"
+    echo "=== $name rc $rc after $((SECONDS - start)) s" | tee -a "$SUMMARY"
+}
+
+mkdir -p data/FashionMNIST/raw
+for f in .gpu_data/*.gz; do
+    [ -e "$f" ] || continue
+    target="data/FashionMNIST/raw/$(basename "$f" .gz)"
+    [ -e "$target" ] || gunzip -c "$f" > "$target"
+done
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    nproc
+    $PY -c "import torch, torchvision, PIL, numpy; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'PIL', PIL.__version__, 'numpy', numpy.__version__)"
+} 2>&1 | tee -a "$SUMMARY"
+
+# 1. Asserted GPU-vs-CPU checks (HVPs, solves, bf16, channels_last, pinned loader).
+part cuda_checks 60 $PY bench/cuda_checks.py
+# 2. The three scripts end to end on CUDA under torchrun (nccl, bf16 autocast): the demo, 2 seeds.
+part demo_cuda 150 $PY demo.py --device cuda --nproc 1 --seeds 2 --out-dir "$WORK/demo"
+# 3. The paper's pre-training setting per GPU (ResNet-50, 96 px, batch 256, bf16): bare step
+#    (contiguous and channels_last) vs the whole script at several --num-workers.
+part pretrain_throughput 140 $PY bench/bench_pretrain_throughput.py --device cuda --arch resnet50 --sizes 96 \
+    --batch-size 256 --script-workers 0 4 8 14 --repeats 1 --steps 10 --warmup 3 --script-steps 24 --log-every 4
+# 4. Loader cost of one ImageNet-style sample on this machine's CPU cores (cores per GPU).
+part augment_jpeg 40 $PY bench/bench_augment.py --skip-lightly --sizes 96 --threads 1 --jpeg-side 500 --images 300 --repeats 3
+# 5. Implicit-gradient solvers and upper-step schemes at the paper's per-GPU scale (time, peak memory).
+part solvers_resnet50 100 $PY bench/bench_solvers.py --device cuda --arch resnet50 --img-size 96 --hessian-batch 256 \
+    --upper-batch 64 --pretrain-batch 256 --pretrain-steps 5 --max-iters 6 --num-rhs 1 --probe-iters 10 \
+    --upper-steps 2 --json "$OUT_DIR/solvers_cuda.json"
+echo "done $(date +%T)" | tee -a "$SUMMARY"
