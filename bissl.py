@@ -39,7 +39,7 @@ from source.data import (
 )
 from source.data.stream import BatchStream
 from source.distributed import barrier, broadcast_module_, check_ranks_identical, cleanup_distributed
-from source.engine import memory_format
+from source.engine import memory_format, peak_memory_metrics
 from source.evaluation import evaluate, sharded_eval_loader
 from source.losses import downstream_criterion
 from source.models import build_backbone
@@ -236,7 +236,8 @@ def main(args: argparse.Namespace) -> None:
         # Samples of both levels (all ranks) per second of lower + upper steps, and the share of that
         # time spent waiting for data; logged, not kept in the history.
         throughput = {"throughput/images_per_s": (sum(s.samples_read for s in streams) - read) * env.world_size / elapsed,
-                      "throughput/data_wait_frac": (sum(s.wait_s for s in streams) - waited) / elapsed}
+                      "throughput/data_wait_frac": (sum(s.wait_s for s in streams) - waited) / elapsed,
+                      **peak_memory_metrics(env.device, "throughput/")}
         if probe_stream is not None and (alternation + 1) % args.curvature_every == 0:
             report = probe_next_batch(lower_model, probe_stream, args.curvature_iters, args.lam + args.cg_lam_dampening,
                                       env.device, seed=args.seed + alternation)

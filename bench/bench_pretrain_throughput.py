@@ -17,7 +17,8 @@ the LR schedule and the progress bar.
 
 All measurements of one image size are interleaved (bare, script w=0, script w=2, then the
 reverse order, ...) ``--repeats`` times; the table gives medians, each script's share of the
-bare step's images/s (issue 9's target: >= 0.85 at 32 px, batch 64, --num-workers 0 and 2) and
+bare step's images/s in the layout the script itself uses (``--channels-last auto``: channels_last
+on CUDA, contiguous on CPU; issue 9's target: >= 0.85 at 32 px, batch 64, --num-workers 0 and 2) and
 the share of its time the script waited for data. An "image" is one sample (two views). The
 load average is printed before and after.
 """
@@ -41,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from source.distributed import resolve_device  # noqa: E402
+from source.engine import memory_format  # noqa: E402
 from source.models import build_backbone  # noqa: E402
 from source.optim import build_optimizer  # noqa: E402
 from source.pretext import SimCLR  # noqa: E402
@@ -142,13 +144,15 @@ def main(args: argparse.Namespace) -> None:
         for repeat in range(args.repeats):
             for name in (list(runs) if repeat % 2 == 0 else list(reversed(runs))):
                 rates[name].append(runs[name]())
-        bare = statistics.median(rates["bare"])
-        print(f"{size} px")
+        # The script's --channels-last auto picks the layout by device: compare it with that bare step.
+        reference = "bare channels_last" if memory_format("auto", device) == torch.channels_last else "bare"
+        bare = statistics.median(rates[reference])
+        print(f"{size} px (shares: of the {reference!r} step, the scripts' layout)")
         for name, values in rates.items():
             wait = ""
             if name.startswith("script"):
                 wait = f", waiting for data {statistics.median(waits[(size, int(name.split()[-1]))]):.0%} of the time"
-            print(f"  {name:<26} {statistics.median(values):8.1f} images/s   x{statistics.median(values) / bare:5.2f} of bare"
+            print(f"  {name:<26} {statistics.median(values):8.1f} images/s   x{statistics.median(values) / bare:5.2f}"
                   f"   (runs: {', '.join(f'{v:.1f}' for v in values)}{wait})")
     print(f"load average after: {os.getloadavg()}")
 

@@ -2,7 +2,8 @@
 # Every GPU check and benchmark of this project in one call, for a lent one-GPU machine whose
 # python3 already has torch (figures go to bench/RESULTS.md by hand):
 #
-#   bash bench/cuda_run.sh [OUT_DIR]      # at most about 8.5 minutes on one H100/H200
+#   bash bench/cuda_run.sh [OUT_DIR]                 # every part: at most about 11 minutes on one H100/H200
+#   PARTS="bissl_resnet50 augment_jpeg" bash bench/cuda_run.sh OUT_DIR    # only these parts
 #
 # FashionMNIST comes from data/FashionMNIST/raw, or from gzipped copies in .gpu_data/ (what
 # travels to a machine that cannot download). Each part has its own time limit and a failure
@@ -15,9 +16,11 @@ PY=${PY:-python3}
 SUMMARY="$OUT_DIR/summary.log"
 WORK=$(mktemp -d /tmp/bissl-cuda-XXXX)
 
+PARTS=${PARTS:-all}
 part() {  # part NAME LIMIT_S COMMAND...
     local name=$1 limit=$2
     shift 2
+    [[ $PARTS == all || " $PARTS " == *" $name "* ]] || return 0
     echo "=== $name (limit ${limit} s) start $(date +%T)" | tee -a "$SUMMARY"
     local start=$SECONDS
     timeout --kill-after 10 "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
@@ -46,11 +49,25 @@ part demo_cuda 150 $PY demo.py --device cuda --nproc 1 --seeds 2 --out-dir "$WOR
 # 3. The paper's pre-training setting per GPU (ResNet-50, 96 px, batch 256, bf16): bare step
 #    (contiguous and channels_last) vs the whole script at several --num-workers.
 part pretrain_throughput 140 $PY bench/bench_pretrain_throughput.py --device cuda --arch resnet50 --sizes 96 \
-    --batch-size 256 --script-workers 0 4 8 14 --repeats 1 --steps 10 --warmup 3 --script-steps 24 --log-every 4
-# 4. Loader cost of one ImageNet-style sample on this machine's CPU cores (cores per GPU).
-part augment_jpeg 40 $PY bench/bench_augment.py --skip-lightly --sizes 96 --threads 1 --jpeg-side 500 --images 300 --repeats 3
+    --batch-size 256 --script-workers ${SCRIPT_WORKERS:-0 4 8 14} --repeats ${REPEATS:-1} --steps 10 --warmup 3 \
+    --script-steps 24 --log-every 4
+# 4. Loader cost of one ImageNet-style sample on this machine's CPU cores (cores per GPU): full-size
+#    JPEGs (500 x 375) and JPEGs pre-resized to a 160 px side.
+part augment_jpeg 50 bash -c "$PY bench/bench_augment.py --skip-lightly --sizes 96 --threads 1 --jpeg-side 500 --images 300 --repeats 3 &&
+    $PY bench/bench_augment.py --skip-lightly --sizes 96 --threads 1 --jpeg-side 160 --images 300 --repeats 3"
 # 5. Implicit-gradient solvers and upper-step schemes at the paper's per-GPU scale (time, peak memory).
 part solvers_resnet50 100 $PY bench/bench_solvers.py --device cuda --arch resnet50 --img-size 96 --hessian-batch 256 \
     --upper-batch 64 --pretrain-batch 256 --pretrain-steps 5 --max-iters 6 --num-rhs 1 --probe-iters 10 \
     --upper-steps 2 --json "$OUT_DIR/solvers_cuda.json"
+# 6. bissl.py at the paper's per-GPU scale (ResNet-50, 96 px, pretext batch 256, downstream batch 64,
+#    N_L 20, N_U 8, CG 5, --num-workers auto): seconds per alternation, images/s, data wait, peak memory.
+part bissl_resnet50 150 bash -c "set -e
+    $PY ssl_pre-training.py --pretext-type simclr --dset fashionmnist --data-dir data --arch resnet50 --img-size 96 \
+        --batch-size 256 --epochs 1 --warmup-epochs 0 --max-train-samples 512 --device cuda --model-dir $WORK/m \
+        --run-dir $WORK/pre --resume 0
+    $PY -m torch.distributed.run --standalone --nproc-per-node 1 bissl.py --data-dir data --model-dir $WORK/m \
+        --device cuda --d-dset fashionmnist --p-dset fashionmnist --arch resnet50 --img-size 96 --p-batch-size 256 \
+        --d-batch-size 64 --epochs 3 --d-linear-warmup-epochs 1 --d-max-train-samples 2048 --max-train-samples 20480 \
+        --max-eval-samples 1024 --run-dir $WORK/bissl --resume 0
+    grep -h throughput/ $WORK/bissl/metrics.jsonl"
 echo "done $(date +%T)" | tee -a "$SUMMARY"

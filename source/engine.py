@@ -81,6 +81,17 @@ class Throughput:
         return rates
 
 
+def peak_memory_metrics(device: torch.device, prefix: str = "") -> dict[str, float]:
+    """This rank's peak GPU memory allocated by tensors since the previous call (GiB), after which
+    the peak is reset; ``{}`` off CUDA. Logged per epoch / alternation, it shows how close a
+    setting runs to the card's limit (the BiSSL upper phase keeps the Hessian graph alive)."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return {f"{prefix}peak_memory_gib": peak}
+
+
 def train_pretext_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -140,6 +151,6 @@ def train_pretext_epoch(
         ready = time.perf_counter()
     if num_steps == 0:
         raise ValueError("the training loader produced no batch: the dataset is smaller than one global batch")
-    writer.log({**throughput.overall("epoch/"), "epoch": epoch}, global_step)
+    writer.log({**throughput.overall("epoch/"), **peak_memory_metrics(device, "epoch/"), "epoch": epoch}, global_step)
     return total_loss / num_steps, global_step
 
