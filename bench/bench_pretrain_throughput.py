@@ -15,11 +15,14 @@ value; its steady-state images/s come from its metrics file (``train/images_per_
 everything a real run does per step: augmentations, collation, the rank all-reduce of the loss,
 the LR schedule and the progress bar.
 
-All measurements of one image size are interleaved (bare, script w=0, script w=2, then the
-reverse order, ...) ``--repeats`` times; the table gives medians, each script's share of the
-bare step's images/s in the layout the script itself uses (``--channels-last auto``: channels_last
-on CUDA, contiguous on CPU; issue 9's target: >= 0.85 at 32 px, batch 64, --num-workers 0 and 2) and
-the share of its time the script waited for data. An "image" is one sample (two views). The
+Every script run is bracketed by bare steps in the layout the script itself uses
+(``--channels-last auto``: channels_last on CUDA, contiguous on CPU): bare, script w=0, bare,
+script w=2, bare, ... (the script order reversed every other round, ``--repeats`` rounds, the
+other layout once per round). A script's share is its images/s over the mean of the two bare
+measurements around it: a shared VM's speed drifts by up to 20 % within minutes, which unpaired
+medians would mix into the ratio. The table gives median images/s, the median paired share
+(issue 9's target: >= 0.85 at 32 px, batch 64, --num-workers 0 and 2) and the share of its time
+the script waited for data. An "image" is one sample (two views). The
 load average is printed before and after.
 """
 from __future__ import annotations
@@ -135,25 +138,41 @@ def main(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     print(f"device {device}, threads {torch.get_num_threads()}, {args.arch}, batch {args.batch_size}, cifar stem "
           f"{args.cifar_stem}, amp {args.amp}, {args.repeats} interleaved rounds; load average {os.getloadavg()}")
-    layouts = {"bare": torch.contiguous_format, "bare channels_last": torch.channels_last}
+    # The script's --channels-last auto picks the layout by device: its reference is the bare step
+    # in that layout; the other layout is timed once per round for the layout comparison.
+    if memory_format("auto", device) == torch.channels_last:
+        (reference, reference_layout), (other, other_layout) = ("bare channels_last", torch.channels_last), ("bare", torch.contiguous_format)
+    else:
+        (reference, reference_layout), (other, other_layout) = ("bare", torch.contiguous_format), ("bare channels_last", torch.channels_last)
     for size in args.sizes:
-        runs = {name: partial(bare_images_per_second, args, size, device, layout) for name, layout in layouts.items()}
-        runs.update({f"script --num-workers {w}": partial(script_images_per_second, args, size, w, device)
-                     for w in args.script_workers})
-        rates: dict[str, list[float]] = {name: [] for name in runs}
+        bare = partial(bare_images_per_second, args, size, device, reference_layout)
+        rates: dict[str, list[float]] = {reference: [], other: [], **{f"script --num-workers {w}": [] for w in args.script_workers}}
+        shares: dict[str, list[float]] = {name: [] for name in rates if name.startswith("script")}
+        before = bare()
+        rates[reference].append(before)
         for repeat in range(args.repeats):
-            for name in (list(runs) if repeat % 2 == 0 else list(reversed(runs))):
-                rates[name].append(runs[name]())
-        # The script's --channels-last auto picks the layout by device: compare it with that bare step.
-        reference = "bare channels_last" if memory_format("auto", device) == torch.channels_last else "bare"
-        bare = statistics.median(rates[reference])
-        print(f"{size} px (shares: of the {reference!r} step, the scripts' layout)")
+            rates[other].append(bare_images_per_second(args, size, device, other_layout))
+            for workers in (args.script_workers if repeat % 2 == 0 else list(reversed(args.script_workers))):
+                name = f"script --num-workers {workers}"
+                rate = script_images_per_second(args, size, workers, device)
+                after = bare()
+                rates[name].append(rate)
+                rates[reference].append(after)
+                shares[name].append(rate / ((before + after) / 2))  # paired with the bare steps around it
+                before = after
+        reference_rate = statistics.median(rates[reference])
+        print(f"{size} px (script shares: of the {reference!r} step, the scripts' layout, timed just before and after "
+              f"each script run; medians of these paired shares)")
         for name, values in rates.items():
-            wait = ""
             if name.startswith("script"):
-                wait = f", waiting for data {statistics.median(waits[(size, int(name.split()[-1]))]):.0%} of the time"
-            print(f"  {name:<26} {statistics.median(values):8.1f} images/s   x{statistics.median(values) / bare:5.2f}"
-                  f"   (runs: {', '.join(f'{v:.1f}' for v in values)}{wait})")
+                share = statistics.median(shares[name])
+                detail = (f"paired shares {', '.join(f'{v:.2f}' for v in shares[name])}; waiting for data "
+                          f"{statistics.median(waits[(size, int(name.split()[-1]))]):.0%} of the time")
+            else:
+                share = statistics.median(values) / reference_rate
+                detail = "median over the run"
+            print(f"  {name:<26} {statistics.median(values):8.1f} images/s   x{share:5.2f}   "
+                  f"(runs: {', '.join(f'{v:.1f}' for v in values)}; {detail})")
     print(f"load average after: {os.getloadavg()}")
 
 

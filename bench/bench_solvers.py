@@ -138,6 +138,19 @@ def build_model(args: argparse.Namespace, pretext_stream: BatchStream, device: t
                    f"final loss {float(loss.detach()):.3f}, {time.perf_counter() - start:.0f} s")
 
 
+def fresh_head(in_features: int, num_classes: int, seed: int, device: torch.device) -> nn.Linear:
+    """A linear head with PyTorch's default initialisation (weights and bias ~ U(±1/sqrt(fan_in))),
+    drawn from a private generator: the streams' prefetch threads reseed torch's global generator
+    per sample (``source.data.loader``), so a draw from it here would race with them and make the
+    bench's numbers differ from run to run."""
+    head = nn.Linear(in_features, num_classes, device="meta").to_empty(device="cpu")
+    generator, bound = torch.Generator().manual_seed(seed), 1 / math.sqrt(in_features)
+    with torch.no_grad():
+        head.weight.uniform_(-bound, bound, generator=generator)
+        head.bias.uniform_(-bound, bound, generator=generator)
+    return head.to(device)
+
+
 def right_hand_side(model: SimCLR, head: nn.Module, images: torch.Tensor, targets: torch.Tensor):
     """v = ∇_θP L_D(θ_P, φ) on one downstream batch (BN statistics untouched)."""
     with frozen_batch_norm_statistics(model):
@@ -227,11 +240,14 @@ def main(args: argparse.Namespace) -> dict:
     pretext_set = subsample(pretext_set, 8192, seed=args.seed, stratify=False)
     pretrain_stream = BatchStream(pretext_set, args.pretrain_batch, seed=args.seed)
     model, origin = build_model(args, pretrain_stream, device)
+    pretrain_stream.close()
     model.train()
-    (view1, view2), _ = next(BatchStream(pretext_set, args.hessian_batch, seed=args.seed + 1))
+    hessian_stream = BatchStream(pretext_set, args.hessian_batch, seed=args.seed + 1)
+    (view1, view2), _ = next(hessian_stream)
+    hessian_stream.close()
     views = (view1.to(device), view2.to(device))
     upper_stream = BatchStream(labelled_set, args.upper_batch, seed=args.seed + 2)
-    head = nn.Linear(model.projector[0].in_features, 10).to(device)  # a fresh linear head on the features
+    head = fresh_head(model.projector[0].in_features, 10, args.seed + 3, device)  # on the features
     params = list(model.backbone.parameters())
     print(f"{args.arch} {args.img_size}px + SimCLR projector, {origin}; Hessian batch {args.hessian_batch} pairs, "
           f"downstream batch {args.upper_batch}, threads {args.threads}, device {device}")
@@ -299,6 +315,7 @@ def main(args: argparse.Namespace) -> dict:
                         warmup_cosine_scheduler(lower_optimizer, 0, 10, 0.001), upper_optimizer,
                         warmup_cosine_scheduler(upper_optimizer, 0, 10, 0.001), settings, device)
     upper_batches = [tuple(t.to(device) for t in next(upper_stream)) for _ in range(args.upper_steps)]
+    upper_stream.close()
     # At the last damping (the positive definite one by default), where "equal accuracy" means something.
     matched = results["deltas"][f"{deltas[-1]:g}"]["minres"]["products_to_match"] or args.match_k
     schemes = [("original (recompute every HVP), layerwise", "original", "layerwise", args.match_k),
