@@ -140,18 +140,17 @@ def main(args: argparse.Namespace) -> None:
           f"{args.cifar_stem}, amp {args.amp}, {args.repeats} interleaved rounds; load average {os.getloadavg()}")
     # The script's --channels-last auto picks the layout by device: its reference is the bare step
     # in that layout; the other layout is timed once per round for the layout comparison.
-    if memory_format("auto", device) == torch.channels_last:
-        (reference, reference_layout), (other, other_layout) = ("bare channels_last", torch.channels_last), ("bare", torch.contiguous_format)
-    else:
-        (reference, reference_layout), (other, other_layout) = ("bare", torch.contiguous_format), ("bare channels_last", torch.channels_last)
+    layouts = {"bare": torch.contiguous_format, "bare channels_last": torch.channels_last}
+    reference = "bare channels_last" if memory_format("auto", device) == torch.channels_last else "bare"
+    other = next(name for name in layouts if name != reference)
     for size in args.sizes:
-        bare = partial(bare_images_per_second, args, size, device, reference_layout)
+        bare = partial(bare_images_per_second, args, size, device, layouts[reference])
         rates: dict[str, list[float]] = {reference: [], other: [], **{f"script --num-workers {w}": [] for w in args.script_workers}}
         shares: dict[str, list[float]] = {name: [] for name in rates if name.startswith("script")}
         before = bare()
         rates[reference].append(before)
         for repeat in range(args.repeats):
-            rates[other].append(bare_images_per_second(args, size, device, other_layout))
+            rates[other].append(bare_images_per_second(args, size, device, layouts[other]))
             for workers in (args.script_workers if repeat % 2 == 0 else list(reversed(args.script_workers))):
                 name = f"script --num-workers {workers}"
                 rate = script_images_per_second(args, size, workers, device)

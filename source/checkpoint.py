@@ -132,13 +132,10 @@ def sweep_temporaries(folder: Path, prefixes: Iterable[str] = ("",), only_dead: 
 
 
 def save_figure_atomic(figure: Any, path: Path, dpi: int = 120) -> Path:
-    """Save a matplotlib figure to a temporary file beside ``path`` (format from its suffix,
-    default PNG), then ``os.replace`` it into place."""
+    """Save a matplotlib figure atomically to ``path`` (:func:`_write_atomic`; format from its
+    suffix, default PNG)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    figure.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=dpi)
-    os.replace(tmp, path)
+    _write_atomic(path, lambda handle: figure.savefig(handle, format=path.suffix.lstrip(".") or "png", dpi=dpi))
     return path
 
 

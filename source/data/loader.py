@@ -250,33 +250,45 @@ class PrefetchedLoader:
         return len(self.loader)
 
 
-def build_loader(
-    dataset: Dataset, batch_size: int, sampler: Iterable, *, seed: int, num_workers: int,
-    pin_memory: bool, prefetch_factor: int, drop_last: bool = True, nice_workers: bool = False,
-) -> DataLoader | PrefetchedLoader:
-    """A training loader over ``sampler``'s indices with per-sample augmentation seeds.
-
-    ``sampler`` is wrapped in :class:`SeededSampler` (reach it as ``loader.sampler`` /
-    ``loader.loader.sampler`` to call ``set_epoch``; :func:`loader_sampler` does that).
-    ``num_workers > 0``: persistent worker processes with ``prefetch_factor`` batches each in
-    flight. ``num_workers == 0``: loading in the main process, ``prefetch_factor`` batches ahead
-    in a background thread. The worker base seed (what ``random``/numpy see in workers) comes
-    from a private generator seeded with ``seed``, so building a loader never draws from the
-    global RNG. ``nice_workers`` (for runs whose model trains on the CPU) lowers the worker
-    processes' priority (module docstring).
-    """
+def seeded_dataloader(
+    dataset: Dataset, batch_size: int, sampler: Iterable[tuple[int, int]], *, generator_seed: int, num_workers: int,
+    pin_memory: bool, prefetch_factor: int, nice_workers: bool = False, drop_last: bool = True,
+) -> DataLoader:
+    """The DataLoader behind every training loader: ``sampler`` yields ``(index, sample seed)``
+    pairs, :class:`SeededDataset` augments each sample from its seed. ``num_workers > 0``:
+    persistent worker processes with ``prefetch_factor`` batches each in flight (wrap a
+    ``num_workers == 0`` loader in a :class:`ThreadPrefetcher` to load ahead in a thread). The
+    worker base seed (what ``random``/numpy see in workers) comes from a private generator seeded
+    with ``generator_seed``, so building or iterating the loader never draws from the global RNG.
+    ``nice_workers`` (for runs whose model trains on the CPU) lowers the workers' priority."""
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0 here, got {num_workers}")
     if prefetch_factor < 1:
         raise ValueError(f"--prefetch-factor must be >= 1, got {prefetch_factor}")
     workers = num_workers > 0
-    loader = DataLoader(
-        SeededDataset(dataset), batch_size=batch_size, sampler=SeededSampler(sampler, seed), drop_last=drop_last,
+    return DataLoader(
+        SeededDataset(dataset), batch_size=batch_size, sampler=sampler, drop_last=drop_last,
         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=workers,
         prefetch_factor=prefetch_factor if workers else None,
-        generator=torch.Generator().manual_seed(seed), worker_init_fn=worker_init_fn(nice_workers),
+        generator=torch.Generator().manual_seed(generator_seed), worker_init_fn=worker_init_fn(nice_workers),
     )
-    return loader if workers else PrefetchedLoader(loader, prefetch_factor)
+
+
+def build_loader(
+    dataset: Dataset, batch_size: int, sampler: Iterable, *, seed: int, num_workers: int,
+    pin_memory: bool, prefetch_factor: int, drop_last: bool = True, nice_workers: bool = False,
+) -> DataLoader | PrefetchedLoader:
+    """A training loader over ``sampler``'s indices with per-sample augmentation seeds
+    (:func:`seeded_dataloader`; with ``num_workers == 0`` each iteration loads
+    ``prefetch_factor`` batches ahead in a background thread).
+
+    ``sampler`` is wrapped in :class:`SeededSampler` (reach it as ``loader.sampler`` /
+    ``loader.loader.sampler`` to call ``set_epoch``; :func:`loader_sampler` does that).
+    """
+    loader = seeded_dataloader(dataset, batch_size, SeededSampler(sampler, seed), generator_seed=seed,
+                               num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
+                               nice_workers=nice_workers, drop_last=drop_last)
+    return loader if num_workers > 0 else PrefetchedLoader(loader, prefetch_factor)
 
 
 def worker_init_fn(nice_workers: bool):

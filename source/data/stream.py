@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from source.data.loader import SeededDataset, ThreadPrefetcher, sample_seed, worker_init_fn
+from source.data.loader import ThreadPrefetcher, sample_seed, seeded_dataloader
 
 
 def pass_indices(num_samples: int, batch_size: int, rank: int, world_size: int, seed: int, pass_index: int) -> list[int]:
@@ -82,20 +82,14 @@ class BatchStream:
         self._iterator: Iterator | None = None
 
     def _open(self) -> Iterator:
-        workers = self.num_workers > 0
-        loader = DataLoader(
-            SeededDataset(self.dataset), batch_size=self.batch_size,
-            sampler=_StreamIndices(len(self.dataset), self.batch_size, self.rank, self.world_size, self.seed,
-                                   self.pass_index, self.batch_index),
-            drop_last=True,
-            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=workers,
-            prefetch_factor=self.prefetch_factor if workers else None,
-            # Worker base seeds (random/numpy in workers) from a private generator: opening a
-            # loader never draws from the global RNG.
-            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.pass_index),
-            worker_init_fn=worker_init_fn(self.nice_workers),
+        loader = seeded_dataloader(
+            self.dataset, self.batch_size,
+            _StreamIndices(len(self.dataset), self.batch_size, self.rank, self.world_size, self.seed,
+                           self.pass_index, self.batch_index),
+            generator_seed=self.seed * 1_000_003 + self.pass_index, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor, nice_workers=self.nice_workers,
         )
-        return iter(loader) if workers else ThreadPrefetcher(loader, self.prefetch_factor)
+        return iter(loader) if self.num_workers > 0 else ThreadPrefetcher(loader, self.prefetch_factor)
 
     def close(self) -> None:
         """Stop loading ahead: join the prefetch thread, or let the worker processes shut down.
