@@ -144,7 +144,7 @@ def train_pretext_epoch(
         throughput.add(view1.shape[0] * get_world_size(), fetched - ready)
         overall = throughput.overall()
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", img_s=f"{overall['images_per_s']:.0f}",
-                             data_wait=f"{overall['data_wait_frac']:.0%}")
+                             data_wait=f"{overall['data_wait_frac']:.0%}", refresh=False)
         if global_step % log_every == 0:
             writer.log({"train/loss": loss_value, "train/lr": lr, **throughput.interval("train/"), "epoch": epoch},
                        global_step)
