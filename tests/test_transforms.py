@@ -1,25 +1,31 @@
 """Augmentations: shapes, normalisation, crop scale (not ratio), view asymmetry, seeding, pickling;
-the PIL blur against an exact Gaussian and the per-view blur/solarise probabilities."""
+the fused pretext view against torchvision's ops (same pixels for the same choices, same
+distribution of choices), the PIL blur against an exact Gaussian."""
 from __future__ import annotations
 
 import pickle
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFilter
-from scipy import ndimage
+from scipy import ndimage, stats
 from torchvision import transforms as T
+from torchvision.transforms import functional as F
 
 from source.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    GaussianBlur,
+    VIEW_UNIFORMS,
+    PretextView,
     ToNormalizedTensor,
     TwoViewTransform,
+    ViewParams,
     downstream_test_transform,
     downstream_train_transform,
     pretext_transform,
+    resized_crop_box,
 )
 
 torch.set_num_threads(1)
@@ -46,13 +52,6 @@ def _only(compose: T.Compose, kind: type):
     matches = [step for step in _steps(compose) if isinstance(step, kind)]
     assert len(matches) == 1, f"expected one {kind.__name__} in {compose}"
     return matches[0]
-
-
-def _random_apply_p(compose: T.Compose, kind: type) -> float:
-    for step in compose.transforms:
-        if isinstance(step, T.RandomApply) and any(isinstance(inner, kind) for inner in step.transforms):
-            return step.p
-    raise AssertionError(f"no RandomApply wrapping {kind.__name__}")
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
@@ -96,32 +95,131 @@ def test_normalised_statistics_of_random_views() -> None:
 @pytest.mark.parametrize("crop_min_scale", [0.08, 0.5])
 def test_crop_minimum_is_area_scale_not_aspect_ratio(crop_min_scale: float) -> None:
     pretext = pretext_transform(32, crop_min_scale)
-    for compose in (pretext.view1, pretext.view2, downstream_train_transform(32, crop_min_scale)):
-        crop = _only(compose, T.RandomResizedCrop)
-        assert crop.scale == (crop_min_scale, 1.0)
-        assert crop.ratio == pytest.approx((3 / 4, 4 / 3))  # torchvision's default aspect range
-        assert crop.size == (32, 32)
+    for view in (pretext.view1, pretext.view2):
+        assert view.scale == (crop_min_scale, 1.0) and view.img_size == 32
+        assert view.ratio == pytest.approx((3 / 4, 4 / 3))  # torchvision's default aspect range
+    crop = _only(downstream_train_transform(32, crop_min_scale), T.RandomResizedCrop)
+    assert crop.scale == (crop_min_scale, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3)) and crop.size == (32, 32)
 
 
 def test_view_asymmetry_and_shared_settings() -> None:
     pretext = pretext_transform(96, 0.5)
     assert isinstance(pretext, TwoViewTransform)
-    assert _random_apply_p(pretext.view1, GaussianBlur) == 1.0
-    assert _random_apply_p(pretext.view2, GaussianBlur) == 0.1
-    assert not any(isinstance(step, T.RandomSolarize) for step in _steps(pretext.view1))
-    solarize = _only(pretext.view2, T.RandomSolarize)
-    assert solarize.p == 0.2 and solarize.threshold == 128
+    assert (pretext.view1.blur_p, pretext.view1.solarize_p) == (1.0, 0.0)
+    assert (pretext.view2.blur_p, pretext.view2.solarize_p) == (0.1, 0.2)
     for view in (pretext.view1, pretext.view2):
-        assert _random_apply_p(view, T.ColorJitter) == 0.8
-        jitter = _only(view, T.ColorJitter)
-        assert jitter.brightness == pytest.approx((0.6, 1.4)) and jitter.contrast == pytest.approx((0.6, 1.4))
-        assert jitter.saturation == pytest.approx((0.8, 1.2)) and jitter.hue == pytest.approx((-0.1, 0.1))
-        assert _only(view, T.RandomGrayscale).p == 0.2
-        assert _only(view, T.RandomHorizontalFlip).p == 0.5
-        assert _only(view, GaussianBlur).sigma == (0.1, 2.0)
-        assert not any(isinstance(step, T.GaussianBlur) for step in _steps(view))  # the slow tensor blur is gone
-        normalize = _only(view, ToNormalizedTensor)
-        assert tuple(normalize.mean) == IMAGENET_MEAN and tuple(normalize.std) == IMAGENET_STD
+        assert isinstance(view, PretextView)
+        assert view.jitter_p == 0.8 and view.grayscale_p == 0.2 and view.flip_p == 0.5 and view.sigma == (0.1, 2.0)
+        expected = {"brightness": (0.6, 1.4), "contrast": (0.6, 1.4), "saturation": (0.8, 1.2), "hue": (-0.1, 0.1)}
+        assert list(view.jitter_ranges) == list(expected)
+        for name, (low, high) in expected.items():
+            assert view.jitter_ranges[name] == pytest.approx((low, high)), name
+        assert tuple(view.normalize.mean) == IMAGENET_MEAN and tuple(view.normalize.std) == IMAGENET_STD
+
+
+def _torchvision_view(img: Image.Image, params: ViewParams, img_size: int) -> np.ndarray:
+    """The reference: torchvision's functional ops (what RandomResizedCrop, ColorJitter, ... call)
+    applied with the given choices, and the original pipeline's PIL blur."""
+    top, left, height, width = params.box
+    img = F.resized_crop(img, top, left, height, width, [img_size, img_size], T.InterpolationMode.BICUBIC, antialias=True)
+    if params.flip:
+        img = F.hflip(img)
+    operations = {"brightness": F.adjust_brightness, "contrast": F.adjust_contrast,
+                  "saturation": F.adjust_saturation, "hue": F.adjust_hue}
+    for name, factor in params.jitter:
+        img = operations[name](img, factor)
+    if params.grayscale:
+        img = F.rgb_to_grayscale(img, num_output_channels=3)
+    if params.blur_sigma is not None:
+        img = img.filter(ImageFilter.GaussianBlur(params.blur_sigma))
+    if params.solarize:
+        img = F.solarize(img, 128)
+    return np.asarray(img)
+
+
+def test_view_pixels_equal_torchvision_ops_for_the_same_choices() -> None:
+    """Bit for bit, over 400 random images and draws (blur and solarise at p 0.5 so that every
+    combination occurs), and the normalised tensor equals ToTensor + Normalize."""
+    rng = np.random.default_rng(1)
+    view = PretextView(24, (0.08, 1.0), (3 / 4, 4 / 3), blur_p=0.5, solarize_p=0.5)
+    reference_tensor = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    torch.manual_seed(0)
+    seen = {"jitter": 0, "grayscale": 0, "blur": 0, "solarize": 0, "flip": 0}
+    for _ in range(400):
+        size = (int(rng.integers(8, 64)), int(rng.integers(8, 64)))
+        image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        params = view.draw(*image.size)
+        expected = _torchvision_view(image, params, 24)
+        assert np.array_equal(view.apply(image, params), expected), params
+        seen["jitter"] += bool(params.jitter)
+        seen["grayscale"] += params.grayscale
+        seen["blur"] += params.blur_sigma is not None
+        seen["solarize"] += params.solarize
+        seen["flip"] += params.flip
+    assert min(seen.values()) > 50, seen
+    torch.manual_seed(5)
+    image = _random_image("RGB", (40, 30))
+    out = view(image)
+    torch.manual_seed(5)
+    expected = reference_tensor(Image.fromarray(_torchvision_view(image, view.draw(40, 30), 24)))
+    assert out.shape == (3, 24, 24) and torch.allclose(out, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(("size", "scale", "ratio"), [
+    ((28, 28), (0.08, 1.0), (3 / 4, 4 / 3)),  # FashionMNIST, the default crop
+    ((56, 40), (0.5, 1.0), (3 / 4, 4 / 3)),
+    ((40, 56), (0.08, 1.0), (0.2, 1.0)),  # --crop-as-original's portrait-only range
+    ((90, 12), (0.3, 1.0), (3 / 4, 4 / 3)),  # a strip: every try can fail, the fallback crop
+])
+def test_crop_boxes_follow_torchvision_distribution(size, scale, ratio) -> None:
+    """Our one-draw sampling against RandomResizedCrop.get_params: two samples of 4000 boxes, a
+    two-sample Kolmogorov-Smirnov test per coordinate and on the area (p > 1e-4 each), and the
+    same support."""
+    n = 4000
+    image = Image.new("RGB", size)
+    torch.manual_seed(0)
+    ours = np.array([resized_crop_box(torch.rand(VIEW_UNIFORMS, dtype=torch.float64).tolist(), *size, scale, ratio)
+                     for _ in range(n)])
+    theirs = np.array([T.RandomResizedCrop.get_params(image, list(scale), list(ratio)) for _ in range(n)])
+    for column in range(4):
+        assert stats.ks_2samp(ours[:, column], theirs[:, column]).pvalue > 1e-4, column
+    assert stats.ks_2samp(ours[:, 2] * ours[:, 3], theirs[:, 2] * theirs[:, 3]).pvalue > 1e-4
+    assert set(map(tuple, ours[:, 2:])) <= set(map(tuple, theirs[:, 2:])) | set(map(tuple, ours[:, 2:]))
+    width, height = size
+    assert np.all(ours[:, 0] + ours[:, 2] <= height) and np.all(ours[:, 1] + ours[:, 3] <= width) and ours.min() >= 0
+
+
+def test_fallback_crop_equals_torchvision_when_every_try_fails(monkeypatch) -> None:
+    """A 200x10 strip with a tall-only ratio range: no try fits, both take the centre crop."""
+    image = Image.new("RGB", (200, 10))
+    torch.manual_seed(0)
+    ours = resized_crop_box(torch.rand(VIEW_UNIFORMS, dtype=torch.float64).tolist(), 200, 10, (0.9, 1.0), (0.2, 0.3))
+    assert ours == tuple(T.RandomResizedCrop.get_params(image, [0.9, 1.0], [0.2, 0.3])) == (0, 98, 10, 3)
+
+
+def test_view_choices_follow_the_recipe() -> None:
+    """Per-view probabilities (binomial bounds of 4.5 standard deviations over 4000 draws), uniform
+    jitter orders and factors, and sigma uniform on [0.1, 2]."""
+    pretext = pretext_transform(8, 0.5)
+    n = 4000
+    torch.manual_seed(0)
+    for view, blur_p, solarize_p in ((pretext.view1, 1.0, 0.0), (pretext.view2, 0.1, 0.2)):
+        draws = [view.draw(20, 20) for _ in range(n)]
+        counts = {"flip": (sum(d.flip for d in draws), 0.5), "jitter": (sum(bool(d.jitter) for d in draws), 0.8),
+                  "grayscale": (sum(d.grayscale for d in draws), 0.2),
+                  "blur": (sum(d.blur_sigma is not None for d in draws), blur_p),
+                  "solarize": (sum(d.solarize for d in draws), solarize_p)}
+        for name, (count, p) in counts.items():
+            assert abs(count - n * p) <= 4.5 * np.sqrt(n * p * (1 - p)), (name, count, p)
+        sigmas = np.array([d.blur_sigma for d in draws if d.blur_sigma is not None])
+        assert sigmas.min() >= 0.1 and sigmas.max() <= 2.0
+        assert stats.kstest(sigmas, stats.uniform(0.1, 1.9).cdf).pvalue > 1e-4
+        jittered = [d.jitter for d in draws if d.jitter]
+        orders = Counter(tuple(name for name, _ in jitter) for jitter in jittered)
+        assert len(orders) == 24 and stats.chisquare(list(orders.values())).pvalue > 1e-4  # every order, equally often
+        for name, (low, high) in view.jitter_ranges.items():
+            factors = np.array([dict(jitter)[name] for jitter in jittered])
+            assert stats.kstest(factors, stats.uniform(low, high - low).cdf).pvalue > 1e-4, name
 
 
 def _smooth_image() -> np.ndarray:
@@ -139,70 +237,15 @@ def _exact_gaussian(pixels: np.ndarray, sigma: float) -> np.ndarray:
 
 @pytest.mark.parametrize("sigma", [0.5, 1.0, 1.5, 2.0])
 def test_blur_matches_an_exact_gaussian_of_the_drawn_sigma(sigma: float) -> None:
-    pixels = _smooth_image()
-    blur = GaussianBlur((sigma, sigma))  # a one-point range: sigma is known
-    out = np.asarray(blur(Image.fromarray(pixels)), dtype=np.float64)
+    pixels = _smooth_image()[:, :40]
+    view = PretextView(40, (0.08, 1.0), (3 / 4, 4 / 3), blur_p=1.0, solarize_p=0.0)
+    only_blur = ViewParams(box=(0, 0, 40, 40), flip=False, jitter=(), grayscale=False, blur_sigma=sigma, solarize=False)
+    out = view.apply(Image.fromarray(pixels), only_blur).astype(np.float64)
     # PIL's three box filters match the exact Gaussian to a fraction of a grey level on average
     # (a few levels at the disc's sharp edge); a 30% wrong sigma is off by 2-5x more.
     assert np.abs(out - _exact_gaussian(pixels, sigma)).mean() < 0.5
     assert np.abs(out - _exact_gaussian(pixels, sigma)).max() < 8
     assert np.abs(out - _exact_gaussian(pixels, 1.3 * sigma)).mean() > 0.7
-
-
-def test_blur_sigma_is_uniform_in_the_recipe_range(monkeypatch) -> None:
-    radii: list[float] = []
-    real_filter = ImageFilter.GaussianBlur
-
-    def recording_filter(radius):
-        radii.append(radius)
-        return real_filter(radius)
-
-    monkeypatch.setattr(ImageFilter, "GaussianBlur", recording_filter)
-    blur, image = GaussianBlur(), Image.new("RGB", (4, 4))
-    torch.manual_seed(0)
-    for _ in range(2000):
-        blur(image)
-    radii_array = np.array(radii)
-    assert radii_array.min() >= 0.1 and radii_array.max() <= 2.0
-    # Uniform on [0.1, 2]: mean 1.05, and each fifth of the range holds 20% (+- 3% at n = 2000).
-    assert abs(radii_array.mean() - 1.05) < 0.04
-    counts = np.histogram(radii_array, bins=5, range=(0.1, 2.0))[0] / len(radii_array)
-    assert np.all(np.abs(counts - 0.2) < 0.03)
-    torch.manual_seed(0)
-    expected_sigma = torch.empty(1).uniform_(0.1, 2.0).item()  # sigma comes from torch's generator
-    assert radii[0] == expected_sigma
-
-
-def test_blur_and_solarise_probabilities_per_view(monkeypatch) -> None:
-    """Run whole views and count what was applied: view 1 blurs always, view 2 blurs 10% and
-    solarises 20% of the time, view 1 never solarises (binomial bounds of 4.5 standard deviations)."""
-    pretext = pretext_transform(8, 0.5)
-    counts = {"blur": 0, "solarize": 0}
-    real_blur, real_solarize = GaussianBlur.__call__, T.RandomSolarize.forward
-
-    def counting_blur(self, img):
-        counts["blur"] += 1
-        return real_blur(self, img)
-
-    def counting_solarize(self, img):
-        before = np.asarray(img).copy()
-        out = real_solarize(self, img)
-        counts["solarize"] += not np.array_equal(before, np.asarray(out))
-        return out
-
-    monkeypatch.setattr(GaussianBlur, "__call__", counting_blur)
-    monkeypatch.setattr(T.RandomSolarize, "forward", counting_solarize)
-    image = Image.fromarray(_smooth_image()[:12, 18:30])
-    torch.manual_seed(0)
-    n = 1000
-    expected = {"view1": (1.0, 0.0), "view2": (0.1, 0.2)}
-    for name, view in (("view1", pretext.view1), ("view2", pretext.view2)):
-        counts.update(blur=0, solarize=0)
-        for _ in range(n):
-            view(image)
-        for kind, p in zip(("blur", "solarize"), expected[name]):
-            bound = 4.5 * np.sqrt(n * p * (1 - p))
-            assert abs(counts[kind] - n * p) <= bound, (name, kind, counts[kind])
 
 
 def test_fused_to_tensor_normalize_equals_torchvision() -> None:
