@@ -247,9 +247,9 @@ class PretextView:
     The same distribution and the same pixels as the torchvision pipeline ``RandomResizedCrop,
     RandomHorizontalFlip, RandomApply([ColorJitter]), RandomGrayscale, RandomApply([blur]),
     RandomSolarize, ToTensor, Normalize`` on PIL images (the tests compare both, pixel for pixel
-    for the same random choices, and the distributions of those choices), at under half its cost:
-    torchvision draws ~25 random numbers one torch call at a time and wraps every PIL call in
-    checks, which at 32-96 px costs more than the pixel work. Here :meth:`draw` takes all of a
+    for the same random choices, and the distributions of those choices), at 0.4x (32 px) to 0.6x
+    (96 px) its cost: torchvision draws ~25 random numbers one torch call at a time and wraps every
+    PIL call in checks, which at these sizes costs more than the pixel work. Here :meth:`draw` takes all of a
     view's random numbers from torch's generator in one call (so ``torch.manual_seed`` still makes
     a view repeatable) and :meth:`apply` makes the PIL calls torchvision's functional ops make.
     """
