@@ -56,6 +56,7 @@ from source.curvature import probe_hessian  # noqa: E402
 from source.data import build_pretext_dataset, downstream_train_transform, pretext_transform, subsample  # noqa: E402
 from source.data.stream import BatchStream  # noqa: E402
 from source.distributed import resolve_device  # noqa: E402
+from source.engine import peak_memory_metrics  # noqa: E402
 from source.models import build_backbone  # noqa: E402
 from source.optim import build_optimizer, warmup_cosine_scheduler  # noqa: E402
 from source.pretext import SimCLR  # noqa: E402
@@ -211,16 +212,14 @@ def time_upper_steps(base: BisslTrainer, scheme: str, solver: str, cg_iters: int
         trainer.hessian_operator = lambda views: RecomputedHessian(
             lambda: model(view1, view2, gather_across_ranks=False), trainer.lower_backbone_params, model)
     _synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    peak_memory_metrics(device)  # resets the peak: what follows is measured alone
     start = time.perf_counter()
     hessian = trainer.hessian_operator(hessian_views) if scheme == "shared" else None
     for images, targets in upper_batches:
         trainer.upper_step(images, targets, hessian_views, hessian)
     _synchronize(device)
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-    return seconds, peak
+    return seconds, peak_memory_metrics(device).get("peak_memory_gib", math.nan) * 1024
 
 
 def main(args: argparse.Namespace) -> dict:

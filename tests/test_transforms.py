@@ -173,8 +173,8 @@ def test_view_pixels_equal_torchvision_ops_for_the_same_choices() -> None:
 ])
 def test_crop_boxes_follow_torchvision_distribution(size, scale, ratio) -> None:
     """Our one-draw sampling against RandomResizedCrop.get_params: two samples of 4000 boxes, a
-    two-sample Kolmogorov-Smirnov test per coordinate and on the area (p > 1e-4 each), and the
-    same support."""
+    two-sample Kolmogorov-Smirnov test per coordinate and on the area (p > 1e-4 each), and every
+    box inside the image."""
     n = 4000
     image = Image.new("RGB", size)
     torch.manual_seed(0)
@@ -184,12 +184,11 @@ def test_crop_boxes_follow_torchvision_distribution(size, scale, ratio) -> None:
     for column in range(4):
         assert stats.ks_2samp(ours[:, column], theirs[:, column]).pvalue > 1e-4, column
     assert stats.ks_2samp(ours[:, 2] * ours[:, 3], theirs[:, 2] * theirs[:, 3]).pvalue > 1e-4
-    assert set(map(tuple, ours[:, 2:])) <= set(map(tuple, theirs[:, 2:])) | set(map(tuple, ours[:, 2:]))
     width, height = size
     assert np.all(ours[:, 0] + ours[:, 2] <= height) and np.all(ours[:, 1] + ours[:, 3] <= width) and ours.min() >= 0
 
 
-def test_fallback_crop_equals_torchvision_when_every_try_fails(monkeypatch) -> None:
+def test_fallback_crop_equals_torchvision_when_every_try_fails() -> None:
     """A 200x10 strip with a tall-only ratio range: no try fits, both take the centre crop."""
     image = Image.new("RGB", (200, 10))
     torch.manual_seed(0)
