@@ -41,4 +41,4 @@ lint: setup
 # prints the bissl.py / fine-tuning.py commands that use them.
 fetch-weights: setup
 	$(PY) -m pip install -q $$(grep -o '^gdown[^ ]*' requirements-dev.txt)
-	$(PY) -m source.weights fetch --model-dir $(MODEL_DIR)
+	$(PY) -m source.tools.weights fetch --model-dir $(MODEL_DIR)

@@ -25,10 +25,6 @@ from torch import nn
 from tqdm import tqdm
 
 import config_default as cfg
-from source import checkpoint as ckpt
-from source.bissl_trainer import BilevelSettings, BisslTrainer
-from source.cli import build_parser
-from source.curvature import probe_next_batch
 from source.data import (
     build_downstream_splits,
     build_pretext_dataset,
@@ -38,14 +34,13 @@ from source.data import (
     subsample,
 )
 from source.data.stream import BatchStream
-from source.distributed import barrier, broadcast_module_, check_ranks_identical, cleanup_distributed
-from source.engine import memory_format, peak_memory_metrics
-from source.evaluation import evaluate, sharded_eval_loader
-from source.losses import downstream_criterion
-from source.models import build_backbone
-from source.optim import build_optimizer, warmup_cosine_scheduler
-from source.pretext import BYOL, build_pretext_model
-from source.runtime import (
+from source.maths.losses import downstream_criterion
+from source.maths.models import build_backbone
+from source.maths.optim import build_optimizer, warmup_cosine_scheduler
+from source.run import checkpoint as ckpt
+from source.run.cli import build_parser
+from source.run.distributed import barrier, broadcast_module_, check_ranks_identical, cleanup_distributed
+from source.run.runtime import (
     amp_dtype,
     changed_settings,
     check_settings_unchanged,
@@ -54,7 +49,12 @@ from source.runtime import (
     run_directory,
     start,
 )
-from source.tracking import MetricsWriter
+from source.run.tracking import MetricsWriter
+from source.stages.bissl_trainer import BilevelSettings, BisslTrainer
+from source.stages.engine import memory_format, peak_memory_metrics
+from source.stages.evaluation import evaluate, sharded_eval_loader
+from source.stages.pretext import BYOL, build_pretext_model
+from source.tools.curvature import probe_next_batch
 
 logger = logging.getLogger("bissl")
 

@@ -3,7 +3,7 @@
 Each stage has one dataclass; each field is a command-line flag (``d_lr`` -> ``--d-lr``) whose
 ``help`` says what it is and why it has this value. The argparse parsers of
 ``ssl_pre-training.py``, ``bissl.py`` and ``fine-tuning.py`` are generated from these classes by
-``source.cli.build_parser``, so a default is never written twice.
+``source.run.cli.build_parser``, so a default is never written twice.
 
 The values are the paper's (BiSSL, arXiv 2410.02387): ResNet-50 pre-trained on ImageNet at
 96x96 px with 4 GPUs.
@@ -161,7 +161,7 @@ class BisslConfig:
                          "residual, also for indefinite systems). See the README's solver section.",
                          ("layerwise", "global", "minres"))
     cg_verbose: int = opt(0, "1: log the solver's residual norms of every upper step.", (0, 1))
-    curvature_every: int = opt(0, "Every N alternations, probe the pretext Hessian H with Lanczos (source/curvature.py) and log "
+    curvature_every: int = opt(0, "Every N alternations, probe the pretext Hessian H with Lanczos (source/tools/curvature.py) and log "
                                "its extreme Ritz values and the smallest lam + delta making I + H/(lam + delta) positive "
                                "definite (0 = never; costs --curvature-iters HVPs).")
     curvature_iters: int = opt(30, "Lanczos iterations (HVPs) of each curvature probe.")
@@ -223,12 +223,12 @@ class FinetuneConfig:
 
 @dataclass
 class ProbeConfig:
-    """Quick check of a frozen backbone (``python -m source.probe``): kNN and linear probe on its features."""
+    """Quick check of a frozen backbone (``python -m source.tools.probe``): kNN and linear probe on its features."""
 
     arch: str = opt("resnet50", "Architecture of the backbone file.", ("resnet18", "resnet50"))
     cifar_stem: int = opt(0, "1: the backbone uses the CIFAR-style stem.", (0, 1))
     img_size: int = opt(96, "Image side of the (deterministic, resize + centre crop) evaluation transform.", at_least=1)
-    backbone_filename: str = opt("pretext_simclr_arch-resnet50_bb.pth", "Backbone weights in --model-dir (any format `source.weights convert` reads).")
+    backbone_filename: str = opt("pretext_simclr_arch-resnet50_bb.pth", "Backbone weights in --model-dir (any format `source.tools.weights convert` reads).")
     dset: str = opt("pets", "Downstream dataset: features of its train split are the kNN bank / probe training set.")
     val_fraction: float = opt(0.2, "Share of each class held out for validation when no split file/official val split exists.", above=0, below=1)
     max_eval_samples: int = opt(0, "Cap the val and test sets at this many samples (seeded, stratified; 0 = all).")

@@ -5,7 +5,7 @@
 1. SimCLR pre-training of a ResNet-18 on FashionMNIST images (labels unused).
 2. BiSSL towards the downstream task: FashionMNIST classification from few labels per class.
 3. Fine-tuning of BOTH the pre-trained and the BiSSL backbone at the same hyperparameters on the
-   same seeds, then the paired comparison of ``source.compare`` (per-seed differences, their
+   same seeds, then the paired comparison of ``source.tools.compare`` (per-seed differences, their
    95 % confidence interval and p-values) and a figure joining each seed's two scores.
 
 Every stage is the real entry script run under torchrun, so this is also a smoke test of the
@@ -154,7 +154,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def report(out_dir: Path, run_dirs: dict[str, Path], timings: dict[str, float], bissl_config: Path, elapsed: float) -> None:
-    from source.compare import csv_report, load_run, markdown_report, plot_comparison
+    from source.tools.compare import csv_report, load_run, markdown_report, plot_comparison
 
     runs = [load_run(run_dirs["pretext"], "SimCLR"), load_run(run_dirs["bissl"], "SimCLR + BiSSL")]
     lines = [f"FashionMNIST, {LABELS_PER_CLASS} labels per class, {ARCH} at {IMG_SIZE} px: fine-tuning of the pre-trained "

@@ -33,8 +33,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 import config_default as cfg
-from source import checkpoint as ckpt
-from source.cli import build_parser
 from source.data import (
     DatasetNotFoundError,
     DownstreamSplits,
@@ -43,9 +41,14 @@ from source.data import (
     downstream_train_transform,
     subsample,
 )
-from source.distributed import DistEnv, broadcast_object, cleanup_distributed, gather_objects, seed_everything
-from source.finetune import STATUS_OK, fine_tune, score_name
-from source.hpo import (
+from source.maths.models import Classifier, build_backbone
+from source.run import checkpoint as ckpt
+from source.run.cli import build_parser
+from source.run.distributed import DistEnv, broadcast_object, cleanup_distributed, gather_objects, seed_everything
+from source.run.runtime import amp_dtype, changed_settings, check_settings_unchanged, open_run_dir, run_directory, start
+from source.run.tracking import MetricsWriter
+from source.stages.finetune import STATUS_OK, fine_tune, score_name
+from source.stages.hpo import (
     RESULTS_FILENAME,
     ResultsFile,
     Trial,
@@ -55,9 +58,6 @@ from source.hpo import (
     shard_trials,
     summary_table,
 )
-from source.models import Classifier, build_backbone
-from source.runtime import amp_dtype, changed_settings, check_settings_unchanged, open_run_dir, run_directory, start
-from source.tracking import MetricsWriter
 
 logger = logging.getLogger("fine-tuning")
 # One line per finished trial from EVERY rank: this logger is set to INFO on all ranks, while
@@ -70,7 +70,7 @@ END_OF_SWEEP_TIMEOUT = datetime.timedelta(days=7)
 
 # Flags that may change between reruns of a sweep without changing any trial: --num-runs (a
 # rerun with a larger value extends the sweep) and the (lr, wd) flags of the mode NOT in use.
-# Every other flag (see source.runtime.RESULT_NEUTRAL_FLAGS) must match the results file's.
+# Every other flag (see source.run.runtime.RESULT_NEUTRAL_FLAGS) must match the results file's.
 EXTENSIBLE_FLAGS = ("num_runs",)
 HPO_FLAGS = ("hpo_lr_min", "hpo_lr_max", "hpo_wd_min", "hpo_wd_max")
 SEED_RUN_FLAGS = ("lr", "wd")

@@ -16,16 +16,14 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 import config_default as cfg
-from source import checkpoint as ckpt
-from source.cli import build_parser
 from source.data import build_pretext_dataset, pretext_transform, subsample
 from source.data import loader as loading
-from source.distributed import DistEnv, barrier, check_ranks_identical, cleanup_distributed, parameter_fingerprints
-from source.engine import make_grad_scaler, memory_format, train_pretext_epoch
-from source.models import build_backbone
-from source.optim import build_optimizer, warmup_cosine_scheduler
-from source.pretext import BYOL, build_pretext_model, byol_decay, pretext_head_modules
-from source.runtime import (
+from source.maths.models import build_backbone
+from source.maths.optim import build_optimizer, warmup_cosine_scheduler
+from source.run import checkpoint as ckpt
+from source.run.cli import build_parser
+from source.run.distributed import DistEnv, barrier, check_ranks_identical, cleanup_distributed, parameter_fingerprints
+from source.run.runtime import (
     amp_dtype,
     changed_settings,
     check_settings_unchanged,
@@ -34,7 +32,9 @@ from source.runtime import (
     run_directory,
     start,
 )
-from source.tracking import MetricsWriter
+from source.run.tracking import MetricsWriter
+from source.stages.engine import make_grad_scaler, memory_format, train_pretext_epoch
+from source.stages.pretext import BYOL, build_pretext_model, byol_decay, pretext_head_modules
 
 logger = logging.getLogger("ssl_pre-training")
 

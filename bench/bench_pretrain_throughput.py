@@ -44,12 +44,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from source.distributed import resolve_device  # noqa: E402
-from source.engine import memory_format  # noqa: E402
-from source.models import build_backbone  # noqa: E402
-from source.optim import build_optimizer  # noqa: E402
-from source.pretext import SimCLR  # noqa: E402
-from source.runtime import amp_dtype  # noqa: E402
+from source.maths.models import build_backbone  # noqa: E402
+from source.maths.optim import build_optimizer  # noqa: E402
+from source.run.distributed import resolve_device  # noqa: E402
+from source.run.runtime import amp_dtype  # noqa: E402
+from source.stages.engine import memory_format  # noqa: E402
+from source.stages.pretext import SimCLR  # noqa: E402
 
 MLP = "256-256-256"  # the default projector of ssl_pre-training.py
 waits: defaultdict[tuple[int, int], list[float]] = defaultdict(list)  # (size, workers) -> data-wait shares

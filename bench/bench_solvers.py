@@ -44,22 +44,22 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without install
 
 import config_default as cfg  # noqa: E402
-from source.bilevel import (  # noqa: E402
+from source.data import build_pretext_dataset, downstream_train_transform, pretext_transform, subsample  # noqa: E402
+from source.data.stream import BatchStream  # noqa: E402
+from source.maths.bilevel import (  # noqa: E402
     SOLVERS,
     HessianVectorOperator,
     frozen_batch_norm_statistics,
     hessian_vector_product,
     solve,
 )
-from source.bissl_trainer import BilevelSettings, BisslTrainer  # noqa: E402
-from source.curvature import probe_hessian  # noqa: E402
-from source.data import build_pretext_dataset, downstream_train_transform, pretext_transform, subsample  # noqa: E402
-from source.data.stream import BatchStream  # noqa: E402
-from source.distributed import resolve_device  # noqa: E402
-from source.engine import peak_memory_metrics  # noqa: E402
-from source.models import build_backbone  # noqa: E402
-from source.optim import build_optimizer, warmup_cosine_scheduler  # noqa: E402
-from source.pretext import SimCLR  # noqa: E402
+from source.maths.models import build_backbone  # noqa: E402
+from source.maths.optim import build_optimizer, warmup_cosine_scheduler  # noqa: E402
+from source.run.distributed import resolve_device  # noqa: E402
+from source.stages.bissl_trainer import BilevelSettings, BisslTrainer  # noqa: E402
+from source.stages.engine import peak_memory_metrics  # noqa: E402
+from source.stages.pretext import SimCLR  # noqa: E402
+from source.tools.curvature import probe_hessian  # noqa: E402
 
 QUICK = dict(pretrain_steps=2, hessian_batch=4, upper_batch=8, max_iters=3, probe_iters=4, num_rhs=1, upper_steps=2,
              match_k=2)
@@ -224,7 +224,7 @@ def time_upper_steps(base: BisslTrainer, scheme: str, solver: str, cg_iters: int
 
 def main(args: argparse.Namespace) -> dict:
     # The copies of the trainer would each warn about the indefinite solve; the table says it all.
-    logging.getLogger("source.bissl_trainer").setLevel(logging.ERROR)
+    logging.getLogger("source.stages.bissl_trainer").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="Seems like `optimizer.step\\(\\)` has been overridden")
     if args.quick:
         for key, value in QUICK.items():

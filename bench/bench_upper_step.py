@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without install
 
-from source.bilevel import implicit_gradient, preserved_buffers  # noqa: E402
-from source.distributed import resolve_device  # noqa: E402
-from source.losses import nt_xent_loss  # noqa: E402
-from source.models import Projector, build_backbone  # noqa: E402
+from source.maths.bilevel import implicit_gradient, preserved_buffers  # noqa: E402
+from source.maths.losses import nt_xent_loss  # noqa: E402
+from source.maths.models import Projector, build_backbone  # noqa: E402
+from source.run.distributed import resolve_device  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

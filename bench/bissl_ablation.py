@@ -23,7 +23,7 @@ Every stage is the real script under torchrun (as in ``demo.py``), with its own 
 under ``--out-dir/<variant>/``, so a killed study reruns only what is missing: finished stages
 are skipped, an interrupted BiSSL run resumes from its checkpoint, an interrupted fine-tuning
 runs only its missing trials. The table (``ablation.md``, ``ablation.csv``, ``ablation.png``)
-comes from ``source.compare``: per variant mean ± std over the seeds and the paired difference to
+comes from ``source.tools.compare``: per variant mean ± std over the seeds and the paired difference to
 (a) with its 95 % CI, plus the wall time of each variant's stages.
 
 ``--scale demo`` uses ``demo.py``'s stage sizes (pre-training it first if ``--model-dir`` has no
@@ -51,7 +51,7 @@ if str(ROOT) not in sys.path:  # runnable from anywhere
 
 import config_default as cfg  # noqa: E402
 import demo  # noqa: E402
-from source.compare import csv_report, load_run, markdown_report, plot_comparison  # noqa: E402
+from source.tools.compare import csv_report, load_run, markdown_report, plot_comparison  # noqa: E402
 
 DEFAULT_VARIANTS = "pretrained,bissl,no-implicit,no-upper,solver-layerwise,solver-global,solver-minres"
 

@@ -26,11 +26,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from source.bilevel import HessianVectorOperator, frozen_batch_norm_statistics, hessian_vector_product, implicit_solve  # noqa: E402
 from source.data import build_pretext_dataset, pretext_transform, subsample  # noqa: E402
 from source.data.stream import BatchStream  # noqa: E402
-from source.models import build_backbone  # noqa: E402
-from source.pretext import SimCLR  # noqa: E402
+from source.maths.bilevel import HessianVectorOperator, frozen_batch_norm_statistics, hessian_vector_product, implicit_solve  # noqa: E402
+from source.maths.models import build_backbone  # noqa: E402
+from source.stages.pretext import SimCLR  # noqa: E402
 
 
 def relative_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from source.checkpoint import save_atomic  # noqa: E402
-from source.models import Projector, build_backbone  # noqa: E402
+from source.maths.models import Projector, build_backbone  # noqa: E402
+from source.run.checkpoint import save_atomic  # noqa: E402
 from tests.script_helpers import command, descendants, kill_tree, make_image_folder, script_env  # noqa: E402
 
 TAG = "simclr_arch-resnet18"

@@ -1,4 +1,4 @@
-"""Tests for source/bilevel.py against independent references.
+"""Tests for source/maths/bilevel.py against independent references.
 
 CG vs ``torch.linalg.solve``, MINRES vs the residual-minimising solution over an explicit
 Krylov basis, every solver's reported true residual vs an explicit product, HVP vs the
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from source.bilevel import (
+from source.maths.bilevel import (
     SOLVERS,
     HessianVectorOperator,
     conjugate_gradient,

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from source.bissl_trainer import BilevelSettings, BisslTrainer, backbone_distance
-from source.optim import build_optimizer, warmup_cosine_scheduler
-from source.pretext import BYOL, SimCLR
-from source.tracking import MetricsWriter
+from source.maths.optim import build_optimizer, warmup_cosine_scheduler
+from source.run.tracking import MetricsWriter
+from source.stages.bissl_trainer import BilevelSettings, BisslTrainer, backbone_distance
+from source.stages.pretext import BYOL, SimCLR
 from tests.distributed_harness import run_in_processes
 
 FEATURES, CLASSES = 6, 3
@@ -112,7 +112,7 @@ def test_upper_gradient_composition_matches_formula(gamma, shared_graph):
     The reference differentiates ONE scalar, L_D(θ_P, φ) + γ·L_D(θ_D, φ), with autograd: γ must
     reach both plain terms (θ_D's and φ's), as in the first paper version's code.
     """
-    from source.bilevel import implicit_gradient
+    from source.maths.bilevel import implicit_gradient
 
     trainer = make_trainer("simclr", batch_norm=False, gamma=gamma)
     trainer.settings.grad_clip = 1e9
@@ -218,7 +218,7 @@ def test_two_ranks_equal_one_process_on_concatenated_batches():
 
 
 def test_non_finite_implicit_gradient_stops_the_run():
-    from source.engine import NonFiniteLossError
+    from source.stages.engine import NonFiniteLossError
 
     trainer = make_trainer("simclr", batch_norm=False)
     lower, upper = make_batches(0, 8)

@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from source.checkpoint import save_atomic
-from source.models import Projector, build_backbone
+from source.maths.models import Projector, build_backbone
+from source.run.checkpoint import save_atomic
 from tests.script_helpers import ROOT, command, make_image_folder, run_script, script_env
 
 

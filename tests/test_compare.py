@@ -1,4 +1,4 @@
-"""Tests for source/compare.py: paired and Welch statistics against direct formulas, pairing by
+"""Tests for source/tools/compare.py: paired and Welch statistics against direct formulas, pairing by
 seed, refusal of incomparable runs, and the report files."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from scipy import stats
 
 import config_default as cfg
-from source.compare import (
+from source.tools.compare import (
     HPO_SETTINGS,
     NOT_COMPARED,
     SUMMARY_SETTINGS,

@@ -1,4 +1,4 @@
-"""Tests for source/curvature.py: Lanczos Ritz values vs ``torch.linalg.eigvalsh``.
+"""Tests for source/tools/curvature.py: Lanczos Ritz values vs ``torch.linalg.eigvalsh``.
 
 The reference Hessian of a tiny SimCLR model's loss w.r.t. its backbone is formed with
 ``torch.autograd.functional.hessian`` (float64), so the probe's extremes can be checked exactly.
@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from source.curvature import CurvatureReport, lanczos, probe_lower_model, ritz_values
-from source.pretext import SimCLR
+from source.stages.pretext import SimCLR
+from source.tools.curvature import CurvatureReport, lanczos, probe_lower_model, ritz_values
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -65,7 +65,7 @@ def _exact_hessian(model: SimCLR, views) -> torch.Tensor:
             functional_call(model.backbone, dict(zip(names, pieces)), (views[1],))
 
     def scalar(flat):
-        from source.losses import nt_xent_loss
+        from source.maths.losses import nt_xent_loss
 
         z1, z2 = loss(flat)
         return nt_xent_loss(model.projector(z1), model.projector(z2), model.temperature, gather_across_ranks=False)
@@ -116,7 +116,7 @@ def test_report_numbers():
 def test_probe_during_training_changes_nothing_and_bissl_logs_it(tmp_path):
     """The in-run probe draws nothing from the global RNG (its stream is seeded per sample, its
     Lanczos start vector comes from a private generator) and leaves the model as it was."""
-    from source.curvature import probe_next_batch
+    from source.tools.curvature import probe_next_batch
 
     model = _tiny_simclr().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -134,8 +134,8 @@ def test_probe_during_training_changes_nothing_and_bissl_logs_it(tmp_path):
 
 
 def test_bissl_script_with_minres_and_the_probe(tmp_path):
-    from source.checkpoint import save_atomic
-    from source.models import Projector, build_backbone
+    from source.maths.models import Projector, build_backbone
+    from source.run.checkpoint import save_atomic
     from tests.script_helpers import make_image_folder, run_script
 
     images = make_image_folder(tmp_path / "images", classes=2, per_class=8, size=16)

@@ -1,4 +1,4 @@
-"""Tests for source/evaluation.py: top-k counts, 11-point mAP, and exact distributed evaluation."""
+"""Tests for source/stages/evaluation.py: top-k counts, 11-point mAP, and exact distributed evaluation."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from source.evaluation import (
+from source.stages.evaluation import (
     ShardedEvalSampler,
     average_precision_11pt,
     evaluate,

@@ -10,11 +10,11 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms as T
 
-from source.bissl_trainer import BisslTrainer
 from source.data.transforms import downstream_train_transform, pretext_transform
-from source.losses import downstream_criterion
-from source.models import build_backbone
-from source.tracking import MetricsWriter
+from source.maths.losses import downstream_criterion
+from source.maths.models import build_backbone
+from source.run.tracking import MetricsWriter
+from source.stages.bissl_trainer import BisslTrainer
 from tests.test_bissl import CLASSES, make_trainer
 from tests.test_cli import load_script
 
@@ -206,7 +206,7 @@ def test_multilabel_loss_flag(script):
 
 
 def test_fine_tune_uses_the_chosen_multilabel_loss(monkeypatch):
-    import source.finetune as finetune
+    import source.stages.finetune as finetune
 
     chosen = []
 

@@ -1,4 +1,4 @@
-"""Tests for fine-tuning: the per-trial loop (source/finetune.py) and the sweep script fine-tuning.py.
+"""Tests for fine-tuning: the per-trial loop (source/stages/finetune.py) and the sweep script fine-tuning.py.
 
 The script runs on a generated image-folder dataset (3 classes of 8x8 images) with a ResNet-18
 backbone (CIFAR stem) written by the test: once under a real 2-process torchrun, once killed
@@ -24,11 +24,11 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from source.checkpoint import WeightsError, save_atomic
-from source.evaluation import evaluate
-from source.finetune import STATUS_FAILED, STATUS_OK, cosine_to_zero_scheduler, fine_tune
-from source.hpo import ResultsFile, make_trial
-from source.models import build_backbone
+from source.maths.models import build_backbone
+from source.run.checkpoint import WeightsError, save_atomic
+from source.stages.evaluation import evaluate
+from source.stages.finetune import STATUS_FAILED, STATUS_OK, cosine_to_zero_scheduler, fine_tune
+from source.stages.hpo import ResultsFile, make_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "fine-tuning.py"

@@ -1,4 +1,4 @@
-"""Tests for source/hpo.py: the random (lr, wd) grid, trial sharding, the results file, reports."""
+"""Tests for source/stages/hpo.py: the random (lr, wd) grid, trial sharding, the results file, reports."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.stats import kstest
 
-from source.hpo import (
+from source.stages.hpo import (
     RESULT_KEYS,
     ResultsFile,
     Trial,

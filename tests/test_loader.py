@@ -158,7 +158,7 @@ def test_evaluating_in_the_main_thread_leaves_a_prefetching_streams_views_alone(
     evaluation loader must not draw from the global generator they reseed per sample (a default
     DataLoader draws its base seed there and changed the views: BiSSL runs did not repeat)."""
     from source.data.stream import BatchStream
-    from source.evaluation import sharded_eval_loader
+    from source.stages.evaluation import sharded_eval_loader
 
     class Noisy(Dataset):
         def __len__(self) -> int:

@@ -4,7 +4,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from source.losses import byol_loss, nt_xent_loss
+from source.maths.losses import byol_loss, nt_xent_loss
 from tests.distributed_harness import run_in_processes
 
 

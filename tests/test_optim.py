@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from source.optim import LARS, build_optimizer, warmup_cosine_factor, warmup_cosine_scheduler
+from source.maths.optim import LARS, build_optimizer, warmup_cosine_factor, warmup_cosine_scheduler
 
 
 def test_lars_one_step_equals_formula():

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from source.models import Projector, build_backbone
-from source.pretext import BYOL, SimCLR, build_pretext_model, byol_decay
+from source.maths.models import Projector, build_backbone
+from source.stages.pretext import BYOL, SimCLR, build_pretext_model, byol_decay
 
 
 def tiny_byol() -> BYOL:

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from source import probe
-from source.evaluation import ShardedEvalSampler
-from source.models import build_backbone
+from source.maths.models import build_backbone
+from source.stages.evaluation import ShardedEvalSampler
+from source.tools import probe
 from tests.distributed_harness import run_in_processes
 from tests.script_helpers import make_image_folder
 

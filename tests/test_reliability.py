@@ -23,12 +23,12 @@ import pytest
 import torch
 from torch import nn
 
-import source.checkpoint as ckpt
-from source.checkpoint import CheckpointError, DivergedStateError, WeightsError
-from source.distributed import broadcast_module_, check_ranks_identical
-from source.models import Projector, build_backbone
-from source.runtime import RunDirBusyError, RunDirLock, RunSettingsError, changed_settings, check_writable, move_run_aside
-from source.tracking import MetricsWriter
+import source.run.checkpoint as ckpt
+from source.maths.models import Projector, build_backbone
+from source.run.checkpoint import CheckpointError, DivergedStateError, WeightsError
+from source.run.distributed import broadcast_module_, check_ranks_identical
+from source.run.runtime import RunDirBusyError, RunDirLock, RunSettingsError, changed_settings, check_writable, move_run_aside
+from source.run.tracking import MetricsWriter
 from tests.distributed_harness import run_in_processes
 from tests.script_helpers import ROOT, command, kill_tree, make_image_folder, run_script, script_env
 
@@ -301,7 +301,7 @@ def test_finetuning_refuses_other_settings_and_another_backbone_and_fails_when_e
 
 
 # --------------------------------------------------------------------------- run-directory lock
-LOCK_HOLDER = ("import sys, time; from source.runtime import RunDirLock; lock = RunDirLock(sys.argv[1]).acquire(); "
+LOCK_HOLDER = ("import sys, time; from source.run.runtime import RunDirLock; lock = RunDirLock(sys.argv[1]).acquire(); "
                "print('locked', flush=True); time.sleep(120)")
 
 

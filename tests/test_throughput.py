@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from source.engine import Throughput, memory_format
+from source.stages.engine import Throughput, memory_format
 
 
 def test_throughput_counts_images_and_waiting_time():

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torchvision
 
-from source import weights
-from source.checkpoint import WeightsError, load_weights
-from source.models import Projector, build_backbone
+from source.maths.models import Projector, build_backbone
+from source.run.checkpoint import WeightsError, load_weights
+from source.tools import weights
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "resnet18"  # the small one keeps the files (and the tests) light
@@ -132,7 +132,7 @@ def test_objects_without_a_state_dict_are_refused(obj, message, backbone_state):
 def test_load_weights_strips_prefixes_and_logs_it(prefix, tmp_path, backbone_state, caplog):
     torch.save(prefixed(backbone_state, prefix), tmp_path / "bb.pth")
     backbone, _ = build_backbone(ARCH)
-    with caplog.at_level(logging.INFO, logger="source.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="source.run.checkpoint"):
         load_weights(backbone, tmp_path / "bb.pth", "pretext backbone")
     assert_same(backbone.state_dict(), backbone_state)
     assert f"stripped the prefix '{prefix}'" in caplog.text

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from source.checkpoint import write_text_atomic
+from source.run.checkpoint import write_text_atomic
 
 logger = logging.getLogger(__name__)
 

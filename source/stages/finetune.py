@@ -26,11 +26,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import config_default as cfg
-from source.checkpoint import unhealthy_tensors
-from source.engine import make_grad_scaler
-from source.evaluation import evaluate
-from source.losses import downstream_criterion
-from source.optim import warmup_cosine_scheduler
+from source.maths.losses import downstream_criterion
+from source.maths.optim import warmup_cosine_scheduler
+from source.run.checkpoint import unhealthy_tensors
+from source.stages.engine import make_grad_scaler
+from source.stages.evaluation import evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class TrialDiverged(RuntimeError):
 
 
 def score_name(multilabel: bool) -> str:
-    """Key of the model-selection score in :func:`source.evaluation.evaluate`'s output:
+    """Key of the model-selection score in :func:`source.stages.evaluation.evaluate`'s output:
     11-point mAP (%) for multi-label data, top-1 accuracy (%) otherwise."""
     return "map" if multilabel else "top1"
 
@@ -54,7 +54,7 @@ def cosine_to_zero_scheduler(optimizer: torch.optim.Optimizer, total_steps: int)
     Step ``t`` in ``0 .. T-1`` (``T = total_steps``) uses ``lr_t = lr * (1 + cos(pi * t / T)) / 2``:
     the first step uses the full lr and the lr reaches 0 exactly after the last step (as
     ``CosineAnnealingLR(T_max=T)``), so no step is wasted at lr 0. This is
-    :func:`source.optim.warmup_cosine_factor` over ``T + 1`` steps with final factor 0.
+    :func:`source.maths.optim.warmup_cosine_factor` over ``T + 1`` steps with final factor 0.
     """
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")

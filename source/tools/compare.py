@@ -1,6 +1,6 @@
 """Did BiSSL help? Compare fine-tuning runs of several backbones, seed by seed, with confidence intervals.
 
-    python -m source.compare BASELINE_RUN_DIR RUN_DIR [RUN_DIR ...] [--markdown F] [--csv F] [--figure F]
+    python -m source.tools.compare BASELINE_RUN_DIR RUN_DIR [RUN_DIR ...] [--markdown F] [--csv F] [--figure F]
 
 Each RUN_DIR is a ``fine-tuning.py`` run directory (``config.json`` + ``results.jsonl``); the
 first one is the baseline (normally the plain pre-trained backbone). For seed runs
@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from source.checkpoint import save_figure_atomic
-from source.hpo import RESULTS_FILENAME, ResultsFile
+from source.run.checkpoint import save_figure_atomic
+from source.stages.hpo import RESULTS_FILENAME, ResultsFile
 
 CONFIDENCE = 0.95
 # Settings of fine-tuning.py that do not change what a trial computes (paths, devices, logging,
@@ -475,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("two runs have the same label; pass --labels")
         text = markdown_report(runs, args.top_k)
     except (FileNotFoundError, ValueError) as error:
-        print(f"source.compare: {error}", file=sys.stderr)
+        print(f"source.tools.compare: {error}", file=sys.stderr)
         return 2
     print(text)
     if args.markdown:

@@ -1,7 +1,7 @@
 """Curvature probe: how indefinite is BiSSL's linear system at a given δ?
 
 BiSSL's upper gradient solves A·x = v with A = I + H/(λ + δ), H = ∇²_θP L_P the pretext loss's
-Hessian w.r.t. the lower backbone (see ``source/bilevel.py``). A is positive definite exactly
+Hessian w.r.t. the lower backbone (see ``source/maths/bilevel.py``). A is positive definite exactly
 when every eigenvalue of H exceeds −(λ + δ); conjugate gradient assumes that, and measured
 ResNet-18s violate it at the paper's δ = 10 (H's spectrum about [−148, 242] after a short SimCLR
 pre-training, [−2305, 2451] at random init). This module runs the Lanczos process on H with a
@@ -15,7 +15,7 @@ The reported "smallest λ + δ" is therefore a lower bound; choose δ with a mar
 keeps A's smallest eigenvalue ≥ ½). Run it on the weights BiSSL starts from, with the same
 flags as ``bissl.py``::
 
-    python -m source.curvature --arch resnet18 --img-size 32 --p-dset fashionmnist --p-batch-size 64 \\
+    python -m source.tools.curvature --arch resnet18 --img-size 32 --p-dset fashionmnist --p-batch-size 64 \\
         --p-pretrained-backbone-filename pretext_simclr_arch-resnet18_bb.pth \\
         --p-pretrained-proj-filename pretext_simclr_arch-resnet18_proj.pth --probe-batches 3 --curvature-iters 30
 
@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from source.bilevel import HessianVectorOperator, MatVec, frozen_batch_norm_statistics
-from source.distributed import all_reduce_mean_tensors_
+from source.maths.bilevel import HessianVectorOperator, MatVec, frozen_batch_norm_statistics
+from source.run.distributed import all_reduce_mean_tensors_
 
 logger = logging.getLogger(__name__)
 
@@ -226,10 +226,10 @@ def plot_ritz_values(reports: Sequence[CurvatureReport], path: Path, title: str)
 
 def main(args: argparse.Namespace) -> list[CurvatureReport]:
     import bissl
-    from source import checkpoint as ckpt
     from source.data import build_pretext_dataset, pretext_transform, subsample
     from source.data.stream import BatchStream
-    from source.runtime import start
+    from source.run import checkpoint as ckpt
+    from source.run.runtime import start
 
     env = start(args)
     if env.world_size > 1:

@@ -29,12 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from source.bilevel import HessianVectorOperator, frozen_batch_norm_statistics, implicit_solve, preserved_buffers
 from source.data.stream import BatchStream
-from source.distributed import all_reduce_buffers_, all_reduce_gradients_, all_reduce_mean_, get_rank
-from source.engine import check_finite
-from source.pretext import BYOL, byol_decay
-from source.tracking import MetricsWriter
+from source.maths.bilevel import HessianVectorOperator, frozen_batch_norm_statistics, implicit_solve, preserved_buffers
+from source.run.distributed import all_reduce_buffers_, all_reduce_gradients_, all_reduce_mean_, get_rank
+from source.run.tracking import MetricsWriter
+from source.stages.engine import check_finite
+from source.stages.pretext import BYOL, byol_decay
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class BilevelSettings:
     lam: float
     cg_damping: float
     cg_iters: int
-    cg_solver: str  # layerwise | global | minres (source.bilevel.SOLVERS)
+    cg_solver: str  # layerwise | global | minres (source.maths.bilevel.SOLVERS)
     upper_plain_grad_scale: float
     grad_clip: float
     lower_steps_per_alternation: int
@@ -265,7 +265,7 @@ class BisslTrainer:
             logger.warning(
                 "upper step %d: the %s solve is worse than no solve (x = 0): true relative residual "
                 "||v - Ax||/||v|| = %.3g > 1 for A = I + H/(lam + delta). A is probably indefinite at this delta: "
-                "measure it with `python -m source.curvature`, then use --cg-solver minres and/or a larger "
+                "measure it with `python -m source.tools.curvature`, then use --cg-solver minres and/or a larger "
                 "--cg-lam-dampening. Every step's value is in the metrics (cg/true_rel_residual).",
                 self.upper_step_count, report.solver, metrics["cg/true_rel_residual"])
         if self.settings.cg_verbose:

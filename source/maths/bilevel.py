@@ -17,7 +17,7 @@ x = 0 (``layerwise`` CG as the original code, textbook ``global`` CG, or ``minre
 applied through Hessian-vector products (double backward of the pretext loss with respect to
 the lower backbone parameters only), so H is never formed. A = I + H/(λ + δ) is symmetric but
 NOT positive definite when H has eigenvalues below −(λ + δ), which measured ResNet-18s have at
-the paper's δ = 10 (``source/curvature.py`` measures it); CG assumes positive definiteness,
+the paper's δ = 10 (``source/tools/curvature.py`` measures it); CG assumes positive definiteness,
 MINRES does not. Every solve reports the true relative residual ‖v − A·x‖/‖v‖ of its x
 (:class:`SolveReport`).
 
@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from source.distributed import all_reduce_mean_tensors_
+from source.run.distributed import all_reduce_mean_tensors_
 
 Vectors = tuple[Tensor, ...]
 MatVec = Callable[[Sequence[Tensor]], Sequence[Tensor]]

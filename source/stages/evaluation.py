@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from source.distributed import all_reduce_sum_, gather_no_grad, get_rank, get_world_size
+from source.run.distributed import all_reduce_sum_, gather_no_grad, get_rank, get_world_size
 
 
 def topk_correct(logits: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5)) -> Tensor:
@@ -159,7 +159,7 @@ def _check_sampler(loader: DataLoader) -> None:
         raise ValueError(
             f"the evaluation loader uses a DistributedSampler, which pads or drops samples "
             f"({len(sampler.dataset)} samples -> {sampler.total_size} over {sampler.num_replicas} ranks) "
-            f"and so biases the metrics; use source.evaluation.ShardedEvalSampler"
+            f"and so biases the metrics; use source.stages.evaluation.ShardedEvalSampler"
         )
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from source.distributed import gather_with_grad, get_rank, get_world_size
+from source.run.distributed import gather_with_grad, get_rank, get_world_size
 
 
 def nt_xent_loss(

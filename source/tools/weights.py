@@ -1,14 +1,14 @@
 """Pretrained weights: fetch the published BiSSL weights, convert anyone's, check a folder.
 
-    python -m source.weights fetch   [--model-dir models]     # download, verify, print commands
-    python -m source.weights verify  [--model-dir models]     # the same checks, no download
-    python -m source.weights convert IN OUT --arch resnet50 [--part backbone|projector|predictor]
+    python -m source.tools.weights fetch   [--model-dir models]     # download, verify, print commands
+    python -m source.tools.weights verify  [--model-dir models]     # the same checks, no download
+    python -m source.tools.weights convert IN OUT --arch resnet50 [--part backbone|projector|predictor]
 
 Every file is read with ``torch.load(..., weights_only=True)``: nothing here executes code from
 a weights file.
 
 :func:`normalize_state_dict` is the one place that maps foreign key layouts onto our modules. It
-is used by ``convert`` and by :func:`source.checkpoint.load_weights` (so ``bissl.py``,
+is used by ``convert`` and by :func:`source.run.checkpoint.load_weights` (so ``bissl.py``,
 ``fine-tuning.py`` and the probe load a converted and an unconverted file alike):
 
 - wrappers: ``{"state_dict": ...}`` (Lightning, MoCo), ``{"model": ...}``, ``{"module": ...}``;
@@ -39,9 +39,9 @@ import torch
 from torch import Tensor, nn
 
 import config_default as cfg
-from source.checkpoint import WeightsError, load_file, save_atomic
 from source.data import DOWNSTREAM_DATASETS
-from source.models import ARCHS, Projector, build_backbone
+from source.maths.models import ARCHS, Projector, build_backbone
+from source.run.checkpoint import WeightsError, load_file, save_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def normalize_state_dict(obj: Any, expected: Mapping[str, Tensor] | Iterable[str
     if len(fitting) > 1:
         raise WeightsError(
             f"ambiguous weights: the keys under each of {', '.join(repr(f[0]) for f in fitting)} fit the model; "
-            "extract the one you mean with `python -m source.weights convert`"
+            "extract the one you mean with `python -m source.tools.weights convert`"
         )
     if not fitting:
         best = max(candidates, key=lambda p: (len({k[len(p):] for k in state if k.startswith(p)} & expected), -len(p)))
@@ -195,7 +195,7 @@ def _subtree(state: dict[str, Tensor], name: str) -> dict[str, Tensor]:
 
 
 def infer_mlp(state: Mapping[str, Tensor]) -> tuple[int, str]:
-    """(input width, ``--mlp`` spec) of a :class:`~source.models.Projector` state dict, read from
+    """(input width, ``--mlp`` spec) of a :class:`~source.maths.models.Projector` state dict, read from
     the shapes of its Linear weights ``<i>.weight`` (out, in) in layer order."""
     linears = sorted((int(key.split(".")[0]), value) for key, value in state.items()
                      if key.split(".")[0].isdigit() and key.endswith(".weight") and value.ndim == 2)
@@ -397,7 +397,7 @@ def usage_commands(checks: list[Check], model_dir: Path) -> list[str]:
                      f" --backbone-origin 'pretext'{_flag('pretrain-arch', arch, cfg.FinetuneConfig.pretrain_arch)}"
                      f"{_flag('pretrain-cifar-stem', 1, 0) if backbone.cifar_stem else ''} --num-runs 100 --use-hpo 1{dir_flag}")
         # BN recalibration: the published backbones' statistics belong to the original's x255 inputs.
-        lines.append(f"python -m source.probe --dset '{EXAMPLE_DSET}' --backbone-filename '{rel}'"
+        lines.append(f"python -m source.tools.probe --dset '{EXAMPLE_DSET}' --backbone-filename '{rel}'"
                      f"{_flag('arch', arch, cfg.ProbeConfig.arch)}{stem} --recalibrate-bn 1{dir_flag}")
     for check in good:
         name = check.name
@@ -438,7 +438,7 @@ def download_published(model_dir: Path, url: str = PUBLISHED_FOLDER_URL) -> None
     kwargs = {"url": url, "output": str(model_dir), "quiet": False}
     kwargs.update({name: value for name, value in GDOWN_OPTIONS.items() if name in supported})
     how_else = (f"download the folder in a browser from {url} into {model_dir}, then run "
-                f"`python -m source.weights verify --model-dir {model_dir}`")
+                f"`python -m source.tools.weights verify --model-dir {model_dir}`")
     try:
         files = gdown.download_folder(**kwargs)
     except Exception as error:  # network, Drive quota or page-format errors surface as many types

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from source.distributed import all_reduce_mean_, get_world_size
-from source.tracking import MetricsWriter
+from source.run.distributed import all_reduce_mean_, get_world_size
+from source.run.tracking import MetricsWriter
 
 logger = logging.getLogger(__name__)
 

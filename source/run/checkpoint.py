@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from source.distributed import gather_objects
+from source.run.distributed import gather_objects
 
 logger = logging.getLogger(__name__)
 
@@ -280,8 +280,8 @@ def load_weights(module: nn.Module, path: Path, what: str, flags: str = "the arc
     if problem is not None:
         raise WeightsError(f"cannot load {what} weights from {path}: {problem}")
     # Foreign layouts (wrappers, module./backbone. prefixes, fc.*) are mapped onto the module the
-    # same way as `python -m source.weights convert`, so converted and unconverted files load alike.
-    from source.weights import normalize_state_dict  # local: source.weights imports this module
+    # same way as `python -m source.tools.weights convert`, so converted and unconverted files load alike.
+    from source.tools.weights import normalize_state_dict  # local: source.tools.weights imports this module
 
     try:
         normalized = normalize_state_dict(state, module.state_dict())

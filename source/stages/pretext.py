@@ -11,8 +11,8 @@ import math
 import torch
 from torch import nn
 
-from source.losses import byol_loss, nt_xent_loss
-from source.models import Projector
+from source.maths.losses import byol_loss, nt_xent_loss
+from source.maths.models import Projector
 
 PRETEXT_TYPES = ("simclr", "byol")
 

@@ -1,7 +1,7 @@
 """Probe a frozen backbone in minutes: weighted kNN and a linear classifier on its features.
 
-    python -m source.probe --arch resnet50 --backbone-filename pretext_simclr_arch-resnet50_bb.pth --dset pets
-    torchrun --nproc-per-node 4 -m source.probe --arch resnet50 --backbone-filename ... --dset pets --recalibrate-bn 1
+    python -m source.tools.probe --arch resnet50 --backbone-filename pretext_simclr_arch-resnet50_bb.pth --dset pets
+    torchrun --nproc-per-node 4 -m source.tools.probe --arch resnet50 --backbone-filename ... --dset pets --recalibrate-bn 1
 
 The backbone embeds the downstream train, val and test splits (deterministic resize + centre
 crop, the fine-tuning evaluation transform; no augmentation). Then, on those features:
@@ -12,7 +12,7 @@ crop, the fine-tuning evaluation transform; no augmentation). Then, on those fea
   L-BFGS for each ``--linear-wd``; the penalty with the best val top-1 is reported on test.
 
 Both report top-1 on val and test. Under torchrun the images are split over the processes
-(each sample embedded exactly once, :class:`~source.evaluation.ShardedEvalSampler`) and the
+(each sample embedded exactly once, :class:`~source.stages.evaluation.ShardedEvalSampler`) and the
 features gathered; the classifiers then run on rank 0 (they take seconds). Features are cached
 under ``--cache-dir``, keyed by the SHA-256 of the backbone file and every data setting, so a
 second probe of the same backbone (other k, other penalties) skips the forward passes.
@@ -36,13 +36,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 import config_default as cfg
-from source import checkpoint as ckpt
-from source.cli import build_parser
 from source.data import MULTILABEL_DATASETS, build_downstream_splits, downstream_test_transform, subsample
-from source.distributed import all_reduce_sum_, broadcast_object, cleanup_distributed, get_world_size
-from source.evaluation import ShardedEvalSampler, _gather_uneven, sharded_eval_loader, topk_correct
-from source.models import build_backbone
-from source.runtime import amp_dtype, run_directory, start
+from source.maths.models import build_backbone
+from source.run import checkpoint as ckpt
+from source.run.cli import build_parser
+from source.run.distributed import all_reduce_sum_, broadcast_object, cleanup_distributed, get_world_size
+from source.run.runtime import amp_dtype, run_directory, start
+from source.stages.evaluation import ShardedEvalSampler, _gather_uneven, sharded_eval_loader, topk_correct
 
 logger = logging.getLogger("probe")
 

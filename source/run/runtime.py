@@ -14,10 +14,10 @@ from typing import IO, Any
 
 import torch
 
-from source.checkpoint import sweep_temporaries
 from source.data.loader import resolve_num_workers
-from source.distributed import DistEnv, broadcast_object, init_distributed, seed_everything
-from source.tracking import setup_logging
+from source.run.checkpoint import sweep_temporaries
+from source.run.distributed import DistEnv, broadcast_object, init_distributed, seed_everything
+from source.run.tracking import setup_logging
 
 try:  # POSIX; elsewhere runs go unlocked
     import fcntl

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from source.checkpoint import save_figure_atomic
+from source.run.checkpoint import save_figure_atomic
 
 try:  # POSIX only; elsewhere appends still go out as one write call each
     import fcntl

@@ -1,0 +1,1 @@
+"""The mathematics: Hessian-vector products and Krylov solvers, losses, models, optimizers."""

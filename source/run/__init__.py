@@ -1,0 +1,1 @@
+"""Run machinery: distributed set-up, run directories, checkpoints, metrics, command-line parsing."""

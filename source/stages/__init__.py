@@ -1,0 +1,1 @@
+"""The stages: pretext training, the BiSSL trainer, fine-tuning trials and HPO, train/eval loops."""
