@@ -1,0 +1,97 @@
+"""Errors the user can fix, and the one wrapper every entry point runs through.
+
+An error the user can fix (a missing dataset, a bad combination of flags, settings changed on
+resume, a corrupt or foreign checkpoint, a busy run directory, a full disk, a run that diverged)
+derives from :class:`UserError`. Every script and ``python -m source...`` tool ends in::
+
+    if __name__ == "__main__":
+        run_entry_point(main, get_args_parser())
+
+which parses the command line, runs ``main(args)`` and, on a :class:`UserError`, prints one line
+``error: <message>`` to stderr and exits with status :data:`EXIT_USER_ERROR` (2, the status
+argparse uses for a bad command line: in both cases the user has something to change). Under
+torchrun only rank 0 prints; the other ranks exit with the same status silently. Any other
+exception is a bug and keeps its full traceback (exit status 1, Python's own).
+
+``--debug`` (a flag on every parser) or ``BISSL_DEBUG=1`` in the environment re-raises user errors
+too, so their traceback shows where they came from.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+# Exit status of a user error; argparse exits with the same status for a bad command line.
+EXIT_USER_ERROR = 2
+# Environment variable that shows tracebacks for user errors, like --debug.
+DEBUG_ENV = "BISSL_DEBUG"
+
+
+class UserError(Exception):
+    """An error the user can fix; entry points print its message without a traceback."""
+
+
+class ConfigError(UserError, ValueError):
+    """A bad flag value or combination of flags (still a ``ValueError`` for code that catches one)."""
+
+
+def add_debug_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--debug``: show the traceback of user errors instead of the one-line message."""
+    parser.add_argument(
+        "--debug", action="store_true",
+        help=f"show the traceback of errors the user can fix, not just 'error: <message>' "
+             f"(same as {DEBUG_ENV}=1)",
+    )
+
+
+def debug_requested(args: argparse.Namespace | None = None) -> bool:
+    """Whether ``--debug`` was given or ``BISSL_DEBUG`` is set to a true value."""
+    if args is not None and getattr(args, "debug", False):
+        return True
+    return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _is_rank_zero() -> bool:
+    """Rank 0 of a torchrun/Slurm launch, or a plain process (read from the environment, which
+    holds even when the error came before the process group was set up)."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").strip():
+            return int(os.environ[name]) == 0
+    return True
+
+
+def _release_process_group() -> None:
+    """Destroy the process group if ``main`` left one behind by raising (best effort)."""
+    torch_distributed = sys.modules.get("torch.distributed")  # never import torch just for this
+    if torch_distributed is None or not torch_distributed.is_available():
+        return
+    if torch_distributed.is_initialized():
+        try:
+            torch_distributed.destroy_process_group()
+        except Exception:  # the error being reported matters more than a failed clean-up
+            pass
+
+
+def run_entry_point(
+    main: Callable[[argparse.Namespace], object],
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None = None,
+) -> None:
+    """Parse ``argv`` (default: the command line) with ``parser``, run ``main(args)``, and turn a
+    :class:`UserError` into ``error: <message>`` on stderr (rank 0 only) and exit status 2.
+
+    Other exceptions propagate with their traceback; with ``--debug`` or ``BISSL_DEBUG=1`` user
+    errors do too.
+    """
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except UserError as error:
+        if debug_requested(args):
+            raise
+        _release_process_group()
+        if _is_rank_zero():
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
