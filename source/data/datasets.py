@@ -47,6 +47,7 @@ from source.data.splits import (
     resolve_train_val_split,
     subsample,
 )
+from source.run.errors import UserError
 
 __all__ = [
     "PRETEXT_DATASETS", "DOWNSTREAM_DATASETS", "MULTILABEL_DATASETS", "VOC_CLASSES",
@@ -80,7 +81,7 @@ IMAGEFOLDER_TEST_FRACTION = 0.2
 IGNORED_FOLDERS = ("tv_splits",)
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """A dataset is missing (or incomplete) under ``--data-dir``.
 
     The message names the dataset, the path that was looked at, the layout expected there and

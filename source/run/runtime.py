@@ -17,6 +17,7 @@ import torch
 from source.data.loader import resolve_num_workers
 from source.run.checkpoint import sweep_temporaries
 from source.run.distributed import DistEnv, broadcast_object, init_distributed, seed_everything
+from source.run.errors import UserError
 from source.run.tracking import setup_logging
 
 try:  # POSIX; elsewhere runs go unlocked
@@ -86,11 +87,11 @@ LOCK_FILENAME = "run.lock"
 STALE_LOCK_WAIT_S = 15.0
 
 
-class RunSettingsError(ValueError):
+class RunSettingsError(UserError, ValueError):
     """A run would continue from a checkpoint made with other result-defining settings."""
 
 
-class RunDirBusyError(RuntimeError):
+class RunDirBusyError(UserError, RuntimeError):
     """Another live run holds the run directory's lock."""
 
 

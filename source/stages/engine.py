@@ -11,12 +11,13 @@ from torch import nn
 from tqdm import tqdm
 
 from source.run.distributed import all_reduce_mean_, get_world_size
+from source.run.errors import UserError
 from source.run.tracking import MetricsWriter
 
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Raised (on every rank at once) when a loss is NaN or infinite."""
 
 
