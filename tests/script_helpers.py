@@ -1,10 +1,12 @@
 """Shared helpers for tests that run the entry scripts as real processes."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 from PIL import Image
@@ -12,6 +14,15 @@ from PIL import Image
 from tests.distributed_harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str) -> ModuleType:
+    """An entry script (``"fine-tuning.py"``) as a module; its file name is not a valid module name.
+    Each call executes the file afresh, so a test may patch the module it gets freely."""
+    spec = importlib.util.spec_from_file_location(name.replace("-", "_").removesuffix(".py"), ROOT / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: int = 20, seed: int = 0) -> Path:

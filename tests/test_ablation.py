@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_bissl import make_batches, make_trainer, run_alternations
+from tests.bissl_helpers import make_batches, make_trainer, run_alternations
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from bissl_ablation import configured_solver, plan_variants  # noqa: E402

@@ -1,25 +1,16 @@
 """Parsers are generated from config_default and accept the SPEC's flags."""
 import dataclasses
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 import config_default as cfg
+from tests.script_helpers import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 SPEC_FLAGS = {
     "ssl_pre-training.py": "--data-dir --model-dir --download-dataset --device --num-workers --world-size --dist-url --omp-num-threads --pretext-type --img-size --img-crop-min-ratio --arch --mlp --epochs --dset --batch-size --lr --wd --momentum --optimizer --temperature --ma-decay --ma-use-scheduler --save-model",
     "bissl.py": "--data-dir --model-dir --arch --img-size --img-crop-min-ratio --epochs --d-dset --d-batch-size --d-lr --d-wd --d-momentum --d-optimizer --d-linear-warmup-epochs --p-dset --p-batch-size --p-pretext-type --p-mlp --p-temperature --p-ma-decay --p-ma-use-scheduler --p-lr --p-wd --p-momentum --p-optimizer --p-pretrained-backbone-filename --p-pretrained-proj-filename --p-pretrained-pred-filename --lower-num-iter --upper-num-iter --lam --cg-lam-dampening --cg-iter-num --cg-verbose --save-model",
     "fine-tuning.py": "--data-dir --model-dir --backbone-origin --pretrain-arch --pretrain-img-size --pretrain-img-crop-min-ratio --pretrained-backbone-filename --use-hpo --hpo-lr-min --hpo-lr-max --hpo-wd-min --hpo-wd-max --num-runs --batch-size --epochs --lr --wd --optimizer-momentum --dset --save-model",
 }
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name.replace("-", "_").removesuffix(".py"), ROOT / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("script", sorted(SPEC_FLAGS))

@@ -15,8 +15,8 @@ from source.maths.losses import downstream_criterion
 from source.maths.models import build_backbone
 from source.run.tracking import MetricsWriter
 from source.stages.bissl_trainer import BisslTrainer
-from tests.test_bissl import CLASSES, make_trainer
-from tests.test_cli import load_script
+from tests.bissl_helpers import CLASSES, make_trainer
+from tests.script_helpers import load_script
 
 BATCH = 8
 

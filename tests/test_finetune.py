@@ -6,7 +6,6 @@ with SIGKILL in the middle of a sweep and then rerun, and in-process for the che
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -29,19 +28,12 @@ from source.run.checkpoint import WeightsError, save_atomic
 from source.stages.evaluation import evaluate
 from source.stages.finetune import STATUS_FAILED, STATUS_OK, cosine_to_zero_scheduler, fine_tune
 from source.stages.hpo import ResultsFile, make_trial
+from tests.script_helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "fine-tuning.py"
 IMAGES_PER_CLASS = 8
 NUM_CLASSES = 3
-
-
-def load_script():
-    """fine-tuning.py as a module (its file name is not a valid module name)."""
-    spec = importlib.util.spec_from_file_location("fine_tuning_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +192,7 @@ def test_a_non_finite_loss_fails_the_trial_but_keeps_the_best_epoch():
 
 
 def test_spec_command_lines_parse():
-    parser = load_script().get_args_parser()
+    parser = load_script("fine-tuning.py").get_args_parser()
     lines = [
         "--dset 'pets' --pretrained-backbone-filename 'pretext_simclr_arch-resnet50_bb.pth' --backbone-origin 'pretext' --num-runs 100 --use-hpo 1",
         "--dset 'pets' --pretrained-backbone-filename 'BiSSL-backbone_simclr_arch-resnet50_dset-pets.pth' --backbone-origin 'bissl' --num-runs 100 --use-hpo 1",
@@ -237,7 +229,7 @@ def test_two_process_hpo_sweep_runs_each_trial_once_and_a_rerun_runs_none(image_
     assert "[rank 0] trial 0" in done.stderr and "[rank 1] trial 1" in done.stderr
 
     before = (run_dir / "results.jsonl").read_bytes()
-    script = load_script()
+    script = load_script("fine-tuning.py")
     script.main(script.get_args_parser().parse_args(flags))  # the same command again, one process
     assert (run_dir / "results.jsonl").read_bytes() == before
     out = capsys.readouterr().out
@@ -267,7 +259,7 @@ def test_a_killed_sweep_reruns_only_the_unfinished_trials(image_tree, model_dir,
     with results.open("a") as handle:  # and a row cut off by the kill
         handle.write('{"trial": 4, "seed": 4, "lr"')
 
-    script = load_script()
+    script = load_script("fine-tuning.py")
     script.main(script.get_args_parser().parse_args(flags))
     rows = ResultsFile(results).rows()  # skips the cut-off line
     assert results.read_text().count('{"trial": 4, "seed": 4, "lr"\n') == 1  # kept, on a line of its own
@@ -283,7 +275,7 @@ def test_seed_runs_use_the_fixed_pair_and_report_mean_and_std(image_tree, model_
         return script_flags(image_tree, model_dir, "--use-hpo", "0", "--num-runs", "2", "--epochs", str(epochs),
                             "--lr", "0.01", "--wd", "0.001", "--seed", "7")
 
-    script = load_script()
+    script = load_script("fine-tuning.py")
     script.main(script.get_args_parser().parse_args(flags(1)))
     run_dir = model_dir / "runs" / "finetune_pretext_bb_dset-imagefolder_seeds"
     rows = read_rows(run_dir / "results.jsonl")
@@ -299,7 +291,7 @@ def test_seed_runs_use_the_fixed_pair_and_report_mean_and_std(image_tree, model_
 
 def test_save_model_writes_each_trials_backbone_and_head(image_tree, model_dir):
     flags = script_flags(image_tree, model_dir, "--use-hpo", "0", "--num-runs", "1", "--epochs", "1", "--save-model", "1")
-    script = load_script()
+    script = load_script("fine-tuning.py")
     script.main(script.get_args_parser().parse_args(flags))
     backbone = torch.load(model_dir / "finetuned_pretext_bb_dset-imagefolder_trial-0_bb.pth", weights_only=True)
     head = torch.load(model_dir / "finetuned_pretext_bb_dset-imagefolder_trial-0_head.pth", weights_only=True)
@@ -310,7 +302,7 @@ def test_save_model_writes_each_trials_backbone_and_head(image_tree, model_dir):
 
 
 def test_missing_backbone_and_missing_dataset_are_named(image_tree, tmp_path):
-    script = load_script()
+    script = load_script("fine-tuning.py")
     missing_weights = script_flags(image_tree, tmp_path / "nowhere", "--num-runs", "1")
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere" / "bb.pth")):
         script.main(script.get_args_parser().parse_args(missing_weights))
@@ -326,13 +318,13 @@ def test_missing_backbone_and_missing_dataset_are_named(image_tree, tmp_path):
 def test_a_backbone_of_another_stem_is_refused_with_the_mismatch(image_tree, tmp_path):
     backbone, _ = build_backbone("resnet18", cifar_stem=False)
     save_atomic(backbone.state_dict(), tmp_path / "bb.pth")
-    script = load_script()
+    script = load_script("fine-tuning.py")
     with pytest.raises(WeightsError, match=r"conv1\.weight: file \(64, 3, 7, 7\) vs model \(64, 3, 3, 3\)"):
         script.main(script.get_args_parser().parse_args(script_flags(image_tree, tmp_path, "--num-runs", "1")))
 
 
 def test_report_lists_failed_trials_apart_from_the_table(tmp_path):
-    script = load_script()
+    script = load_script("fine-tuning.py")
     args = script.get_args_parser().parse_args(["--use-hpo", "1", "--num-runs", "3"])
     ok = {"trial": 0, "seed": 0, "lr": 0.01, "wd": 1e-4, "best_val": 60.0, "best_epoch": 2, "final_val": 55.0,
           "test_final": 54.0, "test_best": 58.0, "time_s": 1.0, "metric": "top1", "status": "ok"}

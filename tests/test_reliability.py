@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib.util
 import json
 import math
 import os
@@ -30,17 +29,9 @@ from source.run.distributed import broadcast_module_, check_ranks_identical
 from source.run.runtime import RunDirBusyError, RunDirLock, RunSettingsError, changed_settings, check_writable, move_run_aside
 from source.run.tracking import MetricsWriter
 from tests.distributed_harness import run_in_processes
-from tests.script_helpers import ROOT, command, kill_tree, make_image_folder, run_script, script_env
+from tests.script_helpers import ROOT, command, kill_tree, load_script, make_image_folder, run_script, script_env
 
 SCRIPTS = ("ssl_pre-training.py", "bissl.py", "fine-tuning.py")
-
-
-def load_script(name: str):
-    """An entry script as a module (its file name is not a valid module name)."""
-    spec = importlib.util.spec_from_file_location(name.replace("-", "_").removesuffix(".py"), ROOT / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 layouts, file verification, fetch with the download replaced, and the convert command."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import pickle
 import sys
@@ -16,8 +15,8 @@ import torchvision
 from source.maths.models import Projector, build_backbone
 from source.run.checkpoint import WeightsError, load_weights
 from source.tools import weights
+from tests.script_helpers import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 ARCH = "resnet18"  # the small one keeps the files (and the tests) light
 
 
@@ -301,13 +300,6 @@ def test_convert_refuses_what_it_cannot_map_and_lists_the_keys(tmp_path, backbon
 
 
 # --- the entry scripts load foreign layouts ----------------------------------------------------
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name.replace("-", "_").removesuffix(".py") + "_weights_test", ROOT / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_fine_tuning_loads_a_ddp_backbone(tmp_path, backbone_state):
     torch.save({"state_dict": prefixed(backbone_state, "module.")}, tmp_path / "ddp_bb.pth")
