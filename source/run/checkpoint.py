@@ -23,12 +23,9 @@ import torch
 from torch import nn
 
 from source.run.distributed import gather_objects
+from source.run.state_dict import WeightsError, normalize_state_dict
 
 logger = logging.getLogger(__name__)
-
-
-class WeightsError(RuntimeError):
-    """A weights file is missing or does not fit the model; the message names the mismatch."""
 
 
 class CheckpointError(RuntimeError):
@@ -280,9 +277,7 @@ def load_weights(module: nn.Module, path: Path, what: str, flags: str = "the arc
     if problem is not None:
         raise WeightsError(f"cannot load {what} weights from {path}: {problem}")
     # Foreign layouts (wrappers, module./backbone. prefixes, fc.*) are mapped onto the module the
-    # same way as `python -m source.tools.weights convert`, so converted and unconverted files load alike.
-    from source.tools.weights import normalize_state_dict  # local: source.tools.weights imports this module
-
+    # same way as `python -m source.tools.weights convert` (source.run.state_dict), so converted and unconverted files load alike.
     try:
         normalized = normalize_state_dict(state, module.state_dict())
     except WeightsError as error:
