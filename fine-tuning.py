@@ -47,6 +47,7 @@ from source.run.cli import build_parser
 from source.run.distributed import DistEnv, broadcast_object, cleanup_distributed, gather_objects, seed_everything
 from source.run.runtime import amp_dtype, changed_settings, check_settings_unchanged, open_run_dir, run_directory, start
 from source.run.tracking import MetricsWriter
+from source.stages.evaluation import METRIC_LABELS
 from source.stages.finetune import STATUS_OK, fine_tune, score_name
 from source.stages.hpo import (
     RESULTS_FILENAME,
@@ -75,7 +76,6 @@ EXTENSIBLE_FLAGS = ("num_runs",)
 HPO_FLAGS = ("hpo_lr_min", "hpo_lr_max", "hpo_wd_min", "hpo_wd_max")
 SEED_RUN_FLAGS = ("lr", "wd")
 BACKBONE_IDENTITY = "content of --pretrained-backbone-filename"
-METRIC_LABELS = {"top1": "top-1 (%)", "map": "mAP (%)"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -166,6 +166,21 @@ def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate (N_r, C) tensors of different N_r from all ranks in rank order -> (sum N_r, C).
+
+    Collectives need equal shapes, so the lengths are gathered first, every shard is padded to the
+    longest, and the padding is cut off again after the gather.
+    """
+    if get_world_size() == 1:
+        return tensor
+    lengths = gather_no_grad(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()
+    padded = tensor.new_zeros((max(lengths), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = gather_no_grad(padded).split(max(lengths))
+    return torch.cat([part[:length] for part, length in zip(parts, lengths)])
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     """Send a picklable object from ``src`` to every rank."""
     if get_world_size() == 1:

@@ -18,7 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from source.run.distributed import all_reduce_sum_, gather_no_grad, get_rank, get_world_size
+from source.run.distributed import all_reduce_sum_, gather_no_grad, gather_uneven, get_rank, get_world_size
+
+# Display names of the main score of each kind of dataset (the keys of :func:`evaluate`'s result).
+METRIC_LABELS = {"top1": "top-1 (%)", "map": "mAP (%)"}
 
 
 def topk_correct(logits: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5)) -> Tensor:
@@ -138,21 +141,6 @@ def sharded_eval_loader(dataset: Dataset, batch_size: int, *, num_workers: int =
                       generator=torch.Generator())
 
 
-def _gather_uneven(tensor: Tensor) -> Tensor:
-    """Concatenate (N_r, C) tensors of different N_r from all ranks in rank order -> (sum N_r, C).
-
-    Collectives need equal shapes, so the lengths are gathered first, every shard is padded to the
-    longest, and the padding is cut off again after the gather.
-    """
-    if get_world_size() == 1:
-        return tensor
-    lengths = gather_no_grad(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()
-    padded = tensor.new_zeros((max(lengths), *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    parts = gather_no_grad(padded).split(max(lengths))
-    return torch.cat([part[:length] for part, length in zip(parts, lengths)])
-
-
 def _check_sampler(loader: DataLoader) -> None:
     sampler = loader.sampler
     if isinstance(sampler, DistributedSampler) and sampler.total_size != len(sampler.dataset):
@@ -255,4 +243,4 @@ def _gather_multilabel(
     width = int(num_classes.item())
     local_scores = torch.cat(scores) if scores else torch.zeros((0, width), device=device)
     local_targets = torch.cat(targets) if targets else torch.zeros((0, width), device=device)
-    return _gather_uneven(local_scores).cpu(), _gather_uneven(local_targets).cpu()
+    return gather_uneven(local_scores).cpu(), gather_uneven(local_targets).cpu()

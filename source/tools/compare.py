@@ -42,6 +42,7 @@ import numpy as np
 from scipy import stats
 
 from source.run.checkpoint import save_figure_atomic
+from source.stages.evaluation import METRIC_LABELS
 from source.stages.hpo import RESULTS_FILENAME, ResultsFile
 
 CONFIDENCE = 0.95
@@ -60,7 +61,6 @@ HPO_SETTINGS = ("hpo_lr_min", "hpo_lr_max", "hpo_wd_min", "hpo_wd_max")  # compa
 SUMMARY_SETTINGS = ("epochs", "batch_size", "max_train_samples", "max_eval_samples", "pretrain_arch", "pretrain_img_size")
 # (label, results-row key) of the two fine-tuned models every trial scores on the test split.
 MODELS = (("final", "test_final"), ("best-val", "test_best"))
-METRIC_LABELS = {"top1": "top-1 (%)", "map": "mAP (%)"}
 
 
 @dataclass

@@ -40,9 +40,9 @@ from source.data import MULTILABEL_DATASETS, build_downstream_splits, downstream
 from source.maths.models import build_backbone
 from source.run import checkpoint as ckpt
 from source.run.cli import build_parser
-from source.run.distributed import all_reduce_sum_, broadcast_object, cleanup_distributed, get_world_size
+from source.run.distributed import all_reduce_sum_, broadcast_object, cleanup_distributed, gather_uneven, get_world_size
 from source.run.runtime import amp_dtype, run_directory, start
-from source.stages.evaluation import ShardedEvalSampler, _gather_uneven, sharded_eval_loader, topk_correct
+from source.stages.evaluation import ShardedEvalSampler, sharded_eval_loader, topk_correct
 
 logger = logging.getLogger("probe")
 
@@ -78,7 +78,7 @@ def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.devi
     local_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
     positions = torch.tensor(list(iter(sampler)), dtype=torch.long, device=device)
     if get_world_size() > 1:
-        local, local_labels, positions = _gather_uneven(local), _gather_uneven(local_labels), _gather_uneven(positions)
+        local, local_labels, positions = gather_uneven(local), gather_uneven(local_labels), gather_uneven(positions)
     order = torch.empty_like(positions)
     order[positions] = torch.arange(len(positions), device=device)
     return local[order].cpu(), local_labels[order].cpu()
