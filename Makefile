@@ -1,18 +1,27 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   -- venv + requirements + FashionMNIST, then the embedded end-to-end demo
-#   make test   -- venv + requirements + FashionMNIST, then the test suite
+#   make demo   -- venv + requirements + the package (editable) + FashionMNIST, then the embedded end-to-end demo
+#   make test   -- the same set-up, then the whole test suite (what CI runs)
+# and, day to day:
+#   make test-fast          -- the tests that take under ~5 s each and start no process (under a minute)
+#   make bench [QUICK=1]    -- every benchmark in bench/ (QUICK=1: tiny sizes, checks that they run)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA_DIR ?= data
 MODEL_DIR ?= models
+QUICK ?=
 
-.PHONY: demo test setup data bench clean-demo lint fetch-weights
+.PHONY: demo test test-fast setup data bench clean-demo lint fetch-weights
 
-$(VENV)/.installed: requirements.txt
+# The package is installed editable (pip install -e .), so bench/, experiments/ and tools import
+# `source` and `config_default` from anywhere. --no-build-isolation builds it with the venv's own
+# setuptools, so the install needs no network once the requirements are in.
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip >/dev/null
 	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install -q "setuptools>=70.1"
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 setup: $(VENV)/.installed
@@ -26,11 +35,15 @@ demo: data
 test: data
 	$(PY) -m pytest -q tests
 
-bench: setup
-	$(PY) bench/bench_pretrain_throughput.py
-	$(PY) bench/bench_upper_step.py
-	$(PY) -m pip install -q -r requirements-dev.txt  # lightly, for the comparison below
-	$(PY) bench/bench_augment.py
+test-fast: data
+	$(PY) -m pytest -q -m "not slow and not multiprocess and not gpu" tests
+
+# Each benchmark prints its ratio and writes its figures to bench/results/<name>.json
+# (bench/results/quick/ with QUICK=1). lightly (requirements-dev.txt) is bench_augment.py's reference.
+BENCHMARKS := $(sort $(wildcard bench/bench_*.py))
+bench: data
+	$(PY) -m pip install -q -r requirements-dev.txt
+	set -e; for script in $(BENCHMARKS); do echo "== $$script"; $(PY) $$script $(if $(QUICK),--quick); done
 
 # Dev tools (ruff; lightly for bench/bench_augment.py) live in requirements-dev.txt, not the runtime set.
 lint: setup
