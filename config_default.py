@@ -16,12 +16,15 @@ from typing import Any, Optional
 
 
 def opt(default: Any, help: str, choices: tuple | None = None, *, at_least: float | None = None,
-        above: float | None = None, at_most: float | None = None, below: float | None = None) -> Any:
+        above: float | None = None, at_most: float | None = None, below: float | None = None,
+        split_over_ranks: bool = False) -> Any:
     """A dataclass field carrying its command-line help text, optional choices and, for numbers, the
-    bounds a value must respect (checked at parse time; a number without bounds must be >= 0)."""
+    bounds a value must respect (checked at parse time; a number without bounds must be >= 0).
+    ``split_over_ranks``: a GLOBAL batch size that must divide by the world size (also checked at parse time)."""
     bounds = {name: value for name, value in
               {"at_least": at_least, "above": above, "at_most": at_most, "below": below}.items() if value is not None}
-    return field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds})
+    return field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds,
+                                            "split_over_ranks": split_over_ranks})
 
 
 @dataclass
@@ -99,7 +102,7 @@ class PretrainConfig:
     mlp: str = opt("256-256-256", "Projector (and BYOL predictor) widths: Linear+BN+ReLU hidden layers, last Linear without bias.")
     epochs: int = opt(500, "Training epochs.", at_least=1)
     dset: str = opt("imagenet", "Pre-training dataset.", ("imagenet", "stl10", "fashionmnist", "imagefolder"))
-    batch_size: int = opt(1024, "GLOBAL batch size (split evenly over the ranks).", at_least=1)
+    batch_size: int = opt(1024, "GLOBAL batch size (split evenly over the ranks).", at_least=1, split_over_ranks=True)
     lr: float = opt(4.8, "Peak learning rate (no batch-size scaling).", above=0)
     wd: float = opt(1e-6, "Weight decay.")
     momentum: float = opt(0.9, "Optimizer momentum.", at_least=0, below=1)
@@ -123,7 +126,7 @@ class BisslConfig:
     crop_as_original: int = opt(0, CROP_AS_ORIGINAL_HELP, (0, 1))
     epochs: int = opt(500, "Number of alternations T (each: --lower-num-iter lower steps, then --upper-num-iter upper steps).", at_least=1)
     d_dset: str = opt("pets", "Downstream dataset (upper level).")
-    d_batch_size: int = opt(256, "GLOBAL downstream batch size.", at_least=1)
+    d_batch_size: int = opt(256, "GLOBAL downstream batch size.", at_least=1, split_over_ranks=True)
     d_lr: Optional[float] = opt(None, "Upper-level SGD lr (default: the paper's per-dataset value, see UPPER_LR_WD).", above=0)
     d_wd: Optional[float] = opt(None, "Upper-level weight decay (default: the paper's per-dataset value).")
     d_momentum: float = opt(0.9, "Upper-level SGD momentum.", at_least=0, below=1)
@@ -136,7 +139,7 @@ class BisslConfig:
     d_linear_warmup_lr: float = opt(0.0, "LR of the head warmup (0 = use the upper lr).")
     val_fraction: float = opt(0.2, "Share of each downstream class held out for validation when no split file/official val split exists.", above=0, below=1)
     p_dset: str = opt("imagenet", "Pretext dataset (lower level).")
-    p_batch_size: int = opt(1024, "GLOBAL pretext batch size.", at_least=1)
+    p_batch_size: int = opt(1024, "GLOBAL pretext batch size.", at_least=1, split_over_ranks=True)
     p_pretext_type: str = opt("simclr", "Pretext method of the loaded weights.", ("simclr", "byol"))
     p_mlp: str = opt("256-256-256", "Projector/predictor widths of the loaded pretext head.")
     p_temperature: float = opt(0.5, "SimCLR temperature.", above=0)

@@ -47,7 +47,7 @@ from source.data.splits import (
     resolve_train_val_split,
     subsample,
 )
-from source.run.errors import UserError
+from source.run.errors import MissingInputError
 
 __all__ = [
     "PRETEXT_DATASETS", "DOWNSTREAM_DATASETS", "MULTILABEL_DATASETS", "VOC_CLASSES",
@@ -81,7 +81,7 @@ IMAGEFOLDER_TEST_FRACTION = 0.2
 IGNORED_FOLDERS = ("tv_splits",)
 
 
-class DatasetNotFoundError(UserError, FileNotFoundError):
+class DatasetNotFoundError(MissingInputError):
     """A dataset is missing (or incomplete) under ``--data-dir``.
 
     The message names the dataset, the path that was looked at, the layout expected there and

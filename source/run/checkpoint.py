@@ -23,18 +23,26 @@ import torch
 from torch import nn
 
 from source.run.distributed import gather_objects
+from source.run.errors import UserError
 from source.run.state_dict import WeightsError, normalize_state_dict
 
 logger = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A run directory's checkpoint cannot be resumed from; the message says which file, what is
     wrong with it and how to start over."""
 
 
-class DivergedStateError(RuntimeError):
+class DivergedStateError(UserError, RuntimeError):
     """A model holds non-finite or exploding values; it is not saved (raised on every rank)."""
+
+
+class DiskFullError(UserError, OSError):
+    """A save ran out of disk space (ENOSPC/EDQUOT); the partial file was removed."""
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" prefix
+        return self.strerror or super().__str__()
 
 
 # Temporary files of the atomic writers: ".<final name>.tmp<pid>" beside the final file.
@@ -74,7 +82,7 @@ def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         tmp.unlink(missing_ok=True)
         if _is_disk_full(error):
             free = shutil.disk_usage(path.parent).free
-            raise OSError(errno.ENOSPC, f"no space left on {path.parent} while writing {path.name}; the partial file "
+            raise DiskFullError(errno.ENOSPC, f"no space left on {path.parent} while writing {path.name}; the partial file "
                                        f"was removed ({free / 2**20:.1f} MiB free now, not enough) and the previous "
                                        f"{path.name} (if any) is intact: free some space and rerun") from error
         raise

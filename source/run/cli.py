@@ -4,20 +4,34 @@ Every numeric flag is checked while the command line is parsed, so a bad value s
 ``argument --flag: ...`` before anything is read or written: floats must be finite, and values
 must lie within the field's bounds (``at_least``/``above``/``at_most``/``below`` in its metadata;
 a number without declared bounds must be >= 0, which covers counts, sizes and rates added later).
-Relations between flags (``--lam`` + ``--cg-lam-dampening`` > 0, HPO range ends in order) are
-checked after parsing, by :class:`ConfigArgumentParser`.
+Relations between flags (``--lam`` + ``--cg-lam-dampening`` > 0, HPO range ends in order, a
+curvature probe with at least one Lanczos step, a GLOBAL batch that splits evenly over the
+``WORLD_SIZE`` ranks torchrun starts) are checked after parsing, by :class:`ConfigArgumentParser`.
+Every parser also has ``--debug`` (:func:`source.run.errors.add_debug_argument`).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
+import os
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
+
+from source.run.errors import add_debug_argument, report_user_error
 
 # Bounds of a number flag whose field declares none.
 DEFAULT_BOUNDS = {"at_least": 0}
+
+
+def launched_world_size() -> int:
+    """The number of processes torchrun (``WORLD_SIZE``) or Slurm (``SLURM_NTASKS``) started, 1 for
+    a plain ``python`` run: known before parsing, unlike the process group, which comes later."""
+    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(name, "").strip():
+            return int(os.environ[name])
+    return 1
 
 
 def _flag_type(annotation: Any) -> type:
@@ -66,6 +80,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, titl
         parse: Callable[[str], Any] = kind
         if kind in (int, float) and not choices:
             parse = _bounded(kind, item.metadata.get("bounds") or DEFAULT_BOUNDS)
+        if item.metadata.get("split_over_ranks") and isinstance(parser, ConfigArgumentParser):
+            parser.split_over_ranks.append(item.name)
         group.add_argument(
             flag,
             dest=item.name,
@@ -76,10 +92,27 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, titl
         )
 
 
-def relation_errors(args: argparse.Namespace) -> list[str]:
-    """Problems between flags that no single flag's bounds can see (only flags the script has)."""
+def relation_errors(args: argparse.Namespace, split_over_ranks: Iterable[str] = (),
+                    world_size: int = 1) -> list[str]:
+    """Problems between flags that no single flag's bounds can see (only flags the script has).
+
+    ``split_over_ranks``: the GLOBAL batch sizes that each of the ``world_size`` ranks takes an
+    equal share of (:func:`source.run.runtime.per_rank_batch_size`).
+    """
     values = vars(args)
     problems = []
+    for name in split_over_ranks:
+        if values[name] % world_size != 0:
+            problems.append(f"--{name.replace('_', '-')} {values[name]} is the GLOBAL batch size and must be a "
+                            f"positive multiple of the world size {world_size}")
+    # bissl.py's in-run probe (--curvature-every N > 0) and the curvature tool (the one parser with
+    # --probe-batches) run --curvature-iters Lanczos steps; 0 would fail only when the probe starts.
+    probing = values.get("curvature_every", 0) > 0 or "probe_batches" in values
+    if probing and values.get("curvature_iters", 1) < 1:
+        why = f"--curvature-every {values['curvature_every']}" if values.get("curvature_every", 0) > 0 else "the curvature tool"
+        problems.append(f"--curvature-iters must be >= 1 when the curvature is probed ({why}), got {values['curvature_iters']}")
+    if values.get("probe_batches", 1) < 1:
+        problems.append(f"--probe-batches must be >= 1, got {values['probe_batches']}")
     if "lam" in values and "cg_lam_dampening" in values and not values["lam"] + values["cg_lam_dampening"] > 0:
         problems.append(f"--lam + --cg-lam-dampening must be > 0 (the solver divides by it), got "
                         f"{values['lam']:g} + {values['cg_lam_dampening']:g}")
@@ -94,12 +127,22 @@ class ConfigArgumentParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` that also checks the relations between flags (:func:`relation_errors`)
     and exits with argparse's usage error, before the script does anything."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Fields whose metadata says they are GLOBAL batch sizes split over the ranks.
+        self.split_over_ranks: list[str] = []
+
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
         namespace, extras = super().parse_known_args(args, namespace)
-        problems = relation_errors(namespace)
+        problems = relation_errors(namespace, self.split_over_ranks, launched_world_size())
         if problems:
             self.error("; ".join(problems))
         return namespace, extras
+
+    def error(self, message: str) -> typing.NoReturn:
+        """Report a bad command line like every other user error: one ``error: ...`` line (rank 0
+        only under torchrun, where every rank parses the same flags) and exit status 2."""
+        report_user_error(f"{message} (see {self.prog} --help)")
 
 
 def build_parser(description: str, configs: list[tuple[type, str]]) -> argparse.ArgumentParser:
@@ -109,4 +152,5 @@ def build_parser(description: str, configs: list[tuple[type, str]]) -> argparse.
     )
     for config_cls, title in configs:
         add_config_arguments(parser, config_cls, title)
+    add_debug_argument(parser)
     return parser

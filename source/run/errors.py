@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing
 from collections.abc import Callable
 
 # Exit status of a user error; argparse exits with the same status for a bad command line.
@@ -35,6 +36,10 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A bad flag value or combination of flags (still a ``ValueError`` for code that catches one)."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+    """A file or folder the run reads (weights, a run directory, images) is not where the flags say."""
 
 
 def add_debug_argument(parser: argparse.ArgumentParser) -> None:
@@ -74,24 +79,33 @@ def _release_process_group() -> None:
             pass
 
 
+def report_user_error(message: str) -> typing.NoReturn:
+    """Print ``error: <message>`` to stderr (rank 0 only) and exit with :data:`EXIT_USER_ERROR`."""
+    _release_process_group()
+    if _is_rank_zero():
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
 def run_entry_point(
     main: Callable[[argparse.Namespace], object],
     parser: argparse.ArgumentParser,
     argv: list[str] | None = None,
 ) -> None:
     """Parse ``argv`` (default: the command line) with ``parser``, run ``main(args)``, and turn a
-    :class:`UserError` into ``error: <message>`` on stderr (rank 0 only) and exit status 2.
+    :class:`UserError` into ``error: <message>`` on stderr (rank 0 only) and exit status 2. A
+    non-zero ``int`` that ``main`` returns becomes the exit status.
 
     Other exceptions propagate with their traceback; with ``--debug`` or ``BISSL_DEBUG=1`` user
     errors do too.
     """
     args = parser.parse_args(argv)
     try:
-        main(args)
+        status = main(args)
     except UserError as error:
         if debug_requested(args):
             raise
-        _release_process_group()
-        if _is_rank_zero():
-            print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USER_ERROR)
+        report_user_error(str(error))
+    # A tool's main may return its exit status (e.g. 1: some weights files failed verification).
+    if isinstance(status, int) and not isinstance(status, bool) and status != 0:
+        sys.exit(status)

@@ -32,6 +32,7 @@ import config_default as cfg
 from source.data import DOWNSTREAM_DATASETS
 from source.maths.models import ARCHS, Projector, build_backbone
 from source.run.checkpoint import load_file, save_atomic
+from source.run.errors import UserError
 from source.run.state_dict import (
     WeightsError,
     candidate_prefixes,
@@ -281,7 +282,7 @@ def usage_commands(checks: list[Check], model_dir: Path) -> list[str]:
 # --- fetch -------------------------------------------------------------------------------
 
 
-class FetchError(RuntimeError):
+class FetchError(UserError, RuntimeError):
     """The published folder could not be downloaded; the message says what to do instead."""
 
 
