@@ -29,11 +29,12 @@ def add_json_argument(parser: argparse.ArgumentParser, name: str) -> None:
                                                    f"bench/results/quick/{name}.json with --quick)")
 
 
-def write_report(args: argparse.Namespace, name: str, ratio: float, ratio_is: str, figures: dict) -> Path:
+def write_report(args: argparse.Namespace, name: str, ratio: float | None, ratio_is: str, figures: dict) -> Path:
     """Print ``ratio`` and write ``figures`` with it to the benchmark's JSON file; return the path.
 
-    A non-finite ratio is written as it is (JSON ``NaN``/``Infinity``) and printed, never hidden:
-    the smoke test (tests/test_bench_smoke.py) fails on it."""
+    ``ratio`` is None when a setting measures none (``ratio_is`` says why). A non-finite ratio is
+    written as it is (JSON ``NaN``/``Infinity``) and printed, never hidden: the smoke test
+    (tests/test_bench_smoke.py) fails on it."""
     quick = bool(getattr(args, "quick", False))
     path = Path(args.json) if args.json else RESULTS_DIR / ("quick" if quick else "") / f"{name}.json"
     record = {
@@ -50,6 +51,9 @@ def write_report(args: argparse.Namespace, name: str, ratio: float, ratio_is: st
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
-    flag = "" if math.isfinite(ratio) else "   (NOT FINITE)"
-    print(f"ratio {ratio:.3f}: {ratio_is}{flag}\nfigures written to {path}")
+    if ratio is None:
+        print(f"ratio: {ratio_is}")
+    else:
+        print(f"ratio {ratio:.3f}: {ratio_is}" + ("" if math.isfinite(ratio) else "   (NOT FINITE)"))
+    print(f"figures written to {path}")
     return path
