@@ -14,11 +14,13 @@ import pytest
 from scipy import stats
 
 import config_default as cfg
+from source.run.errors import EXIT_USER_ERROR, run_entry_point
 from source.tools.compare import (
     HPO_SETTINGS,
     NOT_COMPARED,
     SUMMARY_SETTINGS,
     compare_scores,
+    get_args_parser,
     load_run,
     main,
     markdown_report,
@@ -150,8 +152,11 @@ def test_mismatched_runs_are_refused_naming_the_settings(tmp_path, capsys):
     with pytest.raises(ValueError, match="--epochs: 8 in a, 10 in b") as error:
         markdown_report([load_run(baseline), load_run(longer)])
     assert "--max-eval-samples" in str(error.value) and "--batch-size" not in str(error.value)
-    assert main([str(baseline), str(longer)]) == 2
-    assert "--epochs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # what `python -m source.tools.compare a b` does
+        run_entry_point(main, get_args_parser(), [str(baseline), str(longer)])
+    assert exit_info.value.code == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("error: these runs were fine-tuned under different settings") and "--epochs" in err
     # The backbone and the (lr, wd) pair are what a comparison varies: allowed.
     other = write_run(tmp_path / "c", scores, backbone_origin="bissl", pretrained_backbone_filename="x.pth", lr=0.1, wd=1e-3)
     assert "(baseline)" in markdown_report([load_run(baseline), load_run(other)])
@@ -190,8 +195,8 @@ def test_command_writes_markdown_csv_and_figure(tmp_path, capsys):
     other = write_run(tmp_path / "bissl", {seed: OTHER[seed] for seed in range(8)},
                       best={seed: OTHER[seed] - 1 for seed in range(8)})
     out = tmp_path / "out"
-    code = main([str(baseline), str(other), "--labels", "SimCLR,BiSSL", "--markdown", str(out / "t.md"),
-                 "--csv", str(out / "t.csv"), "--figure", str(out / "f.png")])
+    code = main(get_args_parser().parse_args([str(baseline), str(other), "--labels", "SimCLR,BiSSL", "--markdown",
+                                              str(out / "t.md"), "--csv", str(out / "t.csv"), "--figure", str(out / "f.png")]))
     assert code == 0
     printed = capsys.readouterr().out
     assert "| SimCLR (baseline) |" in printed and (out / "t.md").read_text().strip() in printed

@@ -19,7 +19,7 @@ import typing
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from source.run.errors import add_debug_argument, report_user_error
+from source.run.errors import CommandLineParser, add_debug_argument
 
 # Bounds of a number flag whose field declares none.
 DEFAULT_BOUNDS = {"at_least": 0}
@@ -123,9 +123,9 @@ def relation_errors(args: argparse.Namespace, split_over_ranks: Iterable[str] = 
     return problems
 
 
-class ConfigArgumentParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` that also checks the relations between flags (:func:`relation_errors`)
-    and exits with argparse's usage error, before the script does anything."""
+class ConfigArgumentParser(CommandLineParser):
+    """A :class:`CommandLineParser` that also checks the relations between flags
+    (:func:`relation_errors`) and exits with a usage error before the script does anything."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -138,11 +138,6 @@ class ConfigArgumentParser(argparse.ArgumentParser):
         if problems:
             self.error("; ".join(problems))
         return namespace, extras
-
-    def error(self, message: str) -> typing.NoReturn:
-        """Report a bad command line like every other user error: one ``error: ...`` line (rank 0
-        only under torchrun, where every rank parses the same flags) and exit status 2."""
-        report_user_error(f"{message} (see {self.prog} --help)")
 
 
 def build_parser(description: str, configs: list[tuple[type, str]]) -> argparse.ArgumentParser:

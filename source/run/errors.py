@@ -87,6 +87,15 @@ def report_user_error(message: str) -> typing.NoReturn:
     sys.exit(EXIT_USER_ERROR)
 
 
+class CommandLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that reports a bad command line like every other user error: one
+    ``error: ...`` line (rank 0 only under torchrun, where every rank parses the same flags) and
+    exit status 2, instead of the usage block on every rank."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        report_user_error(f"{message} (see {self.prog} --help)")
+
+
 def run_entry_point(
     main: Callable[[argparse.Namespace], object],
     parser: argparse.ArgumentParser,

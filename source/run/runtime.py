@@ -17,7 +17,7 @@ import torch
 from source.data.loader import resolve_num_workers
 from source.run.checkpoint import sweep_temporaries
 from source.run.distributed import DistEnv, broadcast_object, init_distributed, seed_everything
-from source.run.errors import UserError
+from source.run.errors import ConfigError, UserError
 from source.run.tracking import setup_logging
 
 try:  # POSIX; elsewhere runs go unlocked
@@ -49,16 +49,16 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     if amp not in AMP_DTYPES:
-        raise ValueError(f"--amp {amp!r}; valid: auto, {', '.join(AMP_DTYPES)}")
+        raise ConfigError(f"--amp {amp!r}; valid: auto, {', '.join(AMP_DTYPES)}")
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs CUDA; use --amp bf16 or none on CPU")
+        raise ConfigError("--amp fp16 needs CUDA; use --amp bf16 or none on CPU")
     return AMP_DTYPES[amp]
 
 
 def per_rank_batch_size(global_batch_size: int, world_size: int, flag: str = "--batch-size") -> int:
     """Split a GLOBAL batch over the ranks, refusing sizes that do not divide evenly."""
     if global_batch_size <= 0 or global_batch_size % world_size != 0:
-        raise ValueError(
+        raise ConfigError(
             f"{flag} {global_batch_size} is the GLOBAL batch size and must be a positive multiple of "
             f"the world size {world_size}"
         )
@@ -81,6 +81,7 @@ RESULT_NEUTRAL_FLAGS = frozenset({
     "run_dir", "resume", "amp", "wandb_project", "wandb_mode", "log_every", "save_model", "cg_verbose",
     # the in-run curvature probe reads its own stream and draws nothing from the global RNG
     "curvature_every", "curvature_iters",
+    "debug",  # only how errors are shown
 })
 LOCK_FILENAME = "run.lock"
 # A killed process's DataLoader workers notice their parent is gone within about 5 s.
@@ -254,5 +255,6 @@ def open_run_dir(
     if failure is not None:
         raise failure
     if message is not None:
-        raise RuntimeError(f"rank 0 could not open the run directory: {message}")
+        # Rank 0 reports the error itself; this rank stops with it (silently: not rank 0).
+        raise UserError(f"rank 0 could not open the run directory: {message}")
     return lock

@@ -32,7 +32,6 @@ import io
 import json
 import math
 import os
-import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ import numpy as np
 from scipy import stats
 
 from source.run.checkpoint import save_figure_atomic
+from source.run.errors import CommandLineParser, ConfigError, MissingInputError, add_debug_argument, run_entry_point
 from source.stages.evaluation import METRIC_LABELS
 from source.stages.hpo import RESULTS_FILENAME, ResultsFile
 
@@ -118,11 +118,11 @@ def load_run(path: Path | str, label: str | None = None) -> Run:
     path = Path(path)
     config_path, results_path = path / "config.json", path / RESULTS_FILENAME
     if not config_path.is_file() or not results_path.is_file():
-        raise FileNotFoundError(f"{path} is not a fine-tuning run directory (needs config.json and {RESULTS_FILENAME})")
+        raise MissingInputError(f"{path} is not a fine-tuning run directory (needs config.json and {RESULTS_FILENAME})")
     by_trial = {int(row["trial"]): row for row in ResultsFile(results_path).rows()}
     ok = [by_trial[index] for index in sorted(by_trial) if by_trial[index].get("status", "ok") == "ok"]
     if not ok:
-        raise ValueError(f"{path}: no successful trials in {RESULTS_FILENAME}")
+        raise ConfigError(f"{path}: no successful trials in {RESULTS_FILENAME}")
     return Run(path=path, label=label or path.name, config=json.loads(config_path.read_text()), rows=ok,
                failed=len(by_trial) - len(ok))
 
@@ -149,7 +149,8 @@ def backbone_hash(run: Run) -> str | None:
 def setting_differences(runs: Sequence[Run]) -> list[str]:
     """One line per trial-defining setting on which some run differs from the first (baseline)."""
     baseline, defaults = runs[0], _defaults()
-    ignored = set(NOT_COMPARED) | {"inputs"} | (set() if baseline.use_hpo else set(HPO_SETTINGS))
+    # "debug" (--debug, a parser flag outside config_default) only changes how errors are shown.
+    ignored = set(NOT_COMPARED) | {"inputs", "debug"} | (set() if baseline.use_hpo else set(HPO_SETTINGS))
     keys = sorted(set().union(*(run.config for run in runs)) - ignored)
     lines = []
     for key in keys:
@@ -169,12 +170,13 @@ def setting_differences(runs: Sequence[Run]) -> list[str]:
 
 
 def check_comparable(runs: Sequence[Run]) -> None:
-    """Raise ``ValueError`` naming every trial-defining setting that differs between the runs."""
+    """Raise :class:`ConfigError` (a ``ValueError``) naming every trial-defining setting that differs
+    between the runs."""
     if len(runs) < 1:
-        raise ValueError("give at least one run directory")
+        raise ConfigError("give at least one run directory")
     differences = setting_differences(runs)
     if differences:
-        raise ValueError(
+        raise ConfigError(
             "these runs were fine-tuned under different settings, so their scores are not comparable "
             "(only the backbone, the base --seed and --lr/--wd may differ):\n  " + "\n  ".join(differences)
         )
@@ -450,7 +452,7 @@ def _write(text: str, path: Path) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path, help="fine-tuning run directories; the first is the baseline")
     parser.add_argument("--labels", default="", help="comma-separated names of the runs (default: the folder names)")
     parser.add_argument("--markdown", type=Path, help="also write the Markdown table to this file")
@@ -459,24 +461,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--figure-model", default="final", choices=[model for model, _ in MODELS],
                         help="which fine-tuned model's test score the figure shows (default: final)")
     parser.add_argument("--top-k", type=int, default=5, help="HPO runs: spread over the k best trials (default: 5)")
+    add_debug_argument(parser)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+def main(args: argparse.Namespace) -> int:
     labels = [label.strip() for label in args.labels.split(",")] if args.labels else [None] * len(args.run_dirs)
     if len(labels) != len(args.run_dirs):
-        raise SystemExit(f"--labels names {len(labels)} runs, but {len(args.run_dirs)} run directories were given")
+        raise ConfigError(f"--labels names {len(labels)} runs, but {len(args.run_dirs)} run directories were given")
     if args.top_k < 1:
-        raise SystemExit(f"--top-k must be >= 1, got {args.top_k}")
-    try:
-        runs = [load_run(path, label) for path, label in zip(args.run_dirs, labels)]
-        if len({run.label for run in runs}) < len(runs):
-            raise ValueError("two runs have the same label; pass --labels")
-        text = markdown_report(runs, args.top_k)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"source.tools.compare: {error}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    runs = [load_run(path, label) for path, label in zip(args.run_dirs, labels)]
+    if len({run.label for run in runs}) < len(runs):
+        raise ConfigError("two runs have the same label; pass --labels")
+    text = markdown_report(runs, args.top_k)
     print(text)
     if args.markdown:
         _write(text + "\n", args.markdown)
@@ -488,4 +486,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_entry_point(main, get_args_parser())
