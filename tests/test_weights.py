@@ -14,10 +14,18 @@ import torchvision
 
 from source.maths.models import Projector, build_backbone
 from source.run.checkpoint import WeightsError, load_weights
+from source.run.errors import EXIT_USER_ERROR, run_entry_point
 from source.tools import weights
 from tests.script_helpers import load_script
 
 ARCH = "resnet18"  # the small one keeps the files (and the tests) light
+
+
+def run_tool(argv: list[str]) -> int:
+    """The exit status of ``python -m source.tools.weights <argv>`` (its entry point, in this process)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_entry_point(weights.main, weights.get_args_parser(), argv)
+    return exit_info.value.code
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +258,7 @@ def test_fetch_calls_gdown_with_what_its_version_supports(tmp_path, monkeypatch,
         return [str(Path(output) / f"pretext_simclr_arch-{ARCH}_bb.pth")]
 
     monkeypatch.setitem(sys.modules, "gdown", types.SimpleNamespace(download_folder=download_folder))
-    assert weights.main(["fetch", "--model-dir", str(tmp_path)]) == 0
+    assert weights.main(weights.get_args_parser().parse_args(["fetch", "--model-dir", str(tmp_path)])) == 0
     assert calls == [dict(url=weights.PUBLISHED_FOLDER_URL, output=str(tmp_path), resume=True)]
     assert f"ok   pretext_simclr_arch-{ARCH}_bb.pth: {ARCH} backbone" in capsys.readouterr().out
 
@@ -261,7 +269,7 @@ def test_fetch_reports_a_failed_download_after_checking_what_arrived(tmp_path, m
         raise OSError("Failed to download the following files: ...")
 
     monkeypatch.setitem(sys.modules, "gdown", types.SimpleNamespace(download_folder=download_folder))
-    assert weights.main(["fetch", "--model-dir", str(tmp_path)]) == 1
+    assert run_tool(["fetch", "--model-dir", str(tmp_path)]) == EXIT_USER_ERROR
     captured = capsys.readouterr()
     assert f"ok   pretext_simclr_arch-{ARCH}_bb.pth" in captured.out
     assert "gdown could not download" in captured.err and "in a browser" in captured.err
@@ -278,24 +286,26 @@ def test_fetch_without_gdown_says_how_to_get_it(tmp_path, monkeypatch):
 def test_convert_writes_a_file_the_scripts_load(tmp_path, backbone_state, capsys):
     checkpoint = FORMATS["lightning (solo-learn)"](backbone_state)
     torch.save(checkpoint, tmp_path / "solo.ckpt")
-    assert weights.main(["convert", str(tmp_path / "solo.ckpt"), str(tmp_path / "bb.pth"), "--arch", ARCH]) == 0
+    assert weights.main(weights.get_args_parser().parse_args(
+        ["convert", str(tmp_path / "solo.ckpt"), str(tmp_path / "bb.pth"), "--arch", ARCH])) == 0
     assert "stripped the prefix 'backbone.'" in capsys.readouterr().out
     converted = torch.load(tmp_path / "bb.pth", weights_only=True)
     assert_same(converted, backbone_state)
-    assert weights.main(["convert", str(tmp_path / "solo.ckpt"), str(tmp_path / "proj.pth"), "--arch", ARCH,
-                         "--part", "projector"]) == 0
+    assert weights.main(weights.get_args_parser().parse_args(
+        ["convert", str(tmp_path / "solo.ckpt"), str(tmp_path / "proj.pth"), "--arch", ARCH, "--part", "projector"])) == 0
     projector = {k[len("projector."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("projector.")}
     assert_same(torch.load(tmp_path / "proj.pth", weights_only=True), projector)
 
 
 def test_convert_refuses_what_it_cannot_map_and_lists_the_keys(tmp_path, backbone_state, capsys):
     torch.save(prefixed(backbone_state, "student."), tmp_path / "other.pth")
-    assert weights.main(["convert", str(tmp_path / "other.pth"), str(tmp_path / "out.pth"), "--arch", ARCH]) == 1
+    assert run_tool(["convert", str(tmp_path / "other.pth"), str(tmp_path / "out.pth"), "--arch", ARCH]) == EXIT_USER_ERROR
     err = capsys.readouterr().err
+    assert err.startswith("error: ")
     assert "cannot be mapped onto a resnet18 backbone" in err and "unexpected keys: student.bn1.bias" in err
     assert not (tmp_path / "out.pth").exists()
     torch.save(backbone_state, tmp_path / "r18.pth")
-    assert weights.main(["convert", str(tmp_path / "r18.pth"), str(tmp_path / "out.pth"), "--arch", "resnet50"]) == 1
+    assert run_tool(["convert", str(tmp_path / "r18.pth"), str(tmp_path / "out.pth"), "--arch", "resnet50"]) == EXIT_USER_ERROR
     assert "layer1.0.conv3.weight" in capsys.readouterr().err
 
 

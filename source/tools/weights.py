@@ -20,7 +20,6 @@ import argparse
 import inspect
 import logging
 import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import config_default as cfg
 from source.data import DOWNSTREAM_DATASETS
 from source.maths.models import ARCHS, Projector, build_backbone
 from source.run.checkpoint import load_file, save_atomic
-from source.run.errors import UserError
+from source.run.errors import CommandLineParser, UserError, add_debug_argument, run_entry_point
 from source.run.state_dict import (
     WeightsError,
     candidate_prefixes,
@@ -399,7 +398,8 @@ def convert(src: Path, dst: Path, arch: str, part: str = "backbone", cifar_stem:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_debug_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     fetch_parser = commands.add_parser("fetch", help="download the published BiSSL weights (needs gdown), verify them, print commands")
     fetch_parser.add_argument("--url", default=PUBLISHED_FOLDER_URL, help="Google Drive folder (default: the paper's)")
@@ -416,18 +416,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(args: argparse.Namespace) -> int:
+    """Exit status 0, or 1 when a fetched or verified file is not usable; a file that cannot be
+    downloaded or converted raises :class:`FetchError`/``WeightsError`` (user errors)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = get_args_parser().parse_args(argv)
-    try:
-        if args.command == "fetch":
-            return fetch(Path(args.model_dir), args.url)
-        if args.command == "verify":
-            return _verify_and_print(Path(args.model_dir))
-        notes = convert(args.input, args.output, args.arch, args.part, bool(args.cifar_stem), args.mlp)
-    except (WeightsError, FetchError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    if args.command == "fetch":
+        return fetch(Path(args.model_dir), args.url)
+    if args.command == "verify":
+        return _verify_and_print(Path(args.model_dir))
+    notes = convert(args.input, args.output, args.arch, args.part, bool(args.cifar_stem), args.mlp)
     print(f"wrote the {args.arch} {args.part} to {args.output}")
     for note in notes:
         print(f"  - {note}")
@@ -437,4 +434,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_entry_point(main, get_args_parser())
