@@ -23,7 +23,8 @@ measurements around it: a shared VM's speed drifts by up to 20 % within minutes,
 medians would mix into the ratio. The table gives median images/s, the median paired share
 (issue 9's target: >= 0.85 at 32 px, batch 64, --num-workers 0 and 2) and the share of its time
 the script waited for data. An "image" is one sample (two views). The
-load average is printed before and after.
+load average is printed before and after. The headline ratio is the smallest median paired share
+over the image sizes and --script-workers values.
 """
 from __future__ import annotations
 
@@ -40,17 +41,17 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from report import add_json_argument, write_report
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+from source.maths.models import build_backbone
+from source.maths.optim import build_optimizer
+from source.run.distributed import resolve_device
+from source.run.runtime import amp_dtype
+from source.stages.engine import memory_format
+from source.stages.pretext import SimCLR
 
-from source.maths.models import build_backbone  # noqa: E402
-from source.maths.optim import build_optimizer  # noqa: E402
-from source.run.distributed import resolve_device  # noqa: E402
-from source.run.runtime import amp_dtype  # noqa: E402
-from source.stages.engine import memory_format  # noqa: E402
-from source.stages.pretext import SimCLR  # noqa: E402
-
+NAME = "pretrain_throughput"
+ROOT = Path(__file__).resolve().parents[1]  # where ssl_pre-training.py is
 MLP = "256-256-256"  # the default projector of ssl_pre-training.py
 waits: defaultdict[tuple[int, int], list[float]] = defaultdict(list)  # (size, workers) -> data-wait shares
 
@@ -73,6 +74,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp", default="auto", help="auto|none|bf16|fp16 (default: auto = bf16 on CUDA)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads, bench and script (0 = default)")
     parser.add_argument("--quick", action="store_true", help="tiny settings: only checks that the bench runs")
+    add_json_argument(parser, NAME)
     return parser
 
 
@@ -132,7 +134,7 @@ def script_images_per_second(args: argparse.Namespace, img_size: int, workers: i
 def main(args: argparse.Namespace) -> None:
     if args.quick:
         args.sizes, args.steps, args.warmup, args.script_steps, args.log_every, args.repeats = [16], 2, 1, 4, 1, 1
-        args.batch_size = 16
+        args.batch_size, args.script_workers = 16, args.script_workers[:1]
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -143,6 +145,7 @@ def main(args: argparse.Namespace) -> None:
     layouts = {"bare": torch.contiguous_format, "bare channels_last": torch.channels_last}
     reference = "bare channels_last" if memory_format("auto", device) == torch.channels_last else "bare"
     other = next(name for name in layouts if name != reference)
+    figures: dict = {"reference": reference, "sizes": {}}
     for size in args.sizes:
         bare = partial(bare_images_per_second, args, size, device, layouts[reference])
         rates: dict[str, list[float]] = {reference: [], other: [], **{f"script --num-workers {w}": [] for w in args.script_workers}}
@@ -172,7 +175,17 @@ def main(args: argparse.Namespace) -> None:
                 detail = "median over the run"
             print(f"  {name:<26} {statistics.median(values):8.1f} images/s   x{share:5.2f}   "
                   f"(runs: {', '.join(f'{v:.1f}' for v in values)}; {detail})")
+        figures["sizes"][str(size)] = {
+            "images_per_s": rates, "paired_shares": shares,
+            "median_share": {name: statistics.median(values) for name, values in shares.items()},
+            "data_wait_frac": {name: statistics.median(waits[(size, int(name.split()[-1]))]) for name in shares}}
     print(f"load average after: {os.getloadavg()}")
+    script_shares = [share for entry in figures["sizes"].values() for share in entry["median_share"].values()]
+    if script_shares:
+        write_report(args, NAME, min(script_shares), "the script's images/s over the bare step's, the smallest median "
+                     "paired share over the sizes and --script-workers", figures)
+    else:
+        write_report(args, NAME, None, "none: no --script-workers given, bare steps only", figures)
 
 
 if __name__ == "__main__":
