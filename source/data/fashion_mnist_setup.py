@@ -16,11 +16,11 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from source.data.datasets import DatasetNotFoundError
+from source.run.errors import CommandLineParser, add_debug_argument, run_entry_point
 
 logger = logging.getLogger(__name__)
 
@@ -123,22 +123,19 @@ def ensure_fashion_mnist(
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=Path("./data/"), help="Root folder of all datasets.")
     parser.add_argument("--no-download", action="store_true", help="Never use the network (apt-get or torchvision).")
+    add_debug_argument(parser)
     return parser
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> None:
+    """Raises :class:`DatasetNotFoundError` (a user error) when the files cannot be obtained."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        raw = ensure_fashion_mnist(args.data_dir, allow_apt=not args.no_download, allow_download=not args.no_download)
-    except DatasetNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    raw = ensure_fashion_mnist(args.data_dir, allow_apt=not args.no_download, allow_download=not args.no_download)
     print(f"FashionMNIST ready in {raw}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    run_entry_point(main, get_args_parser())
