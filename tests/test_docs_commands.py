@@ -116,7 +116,9 @@ def load_parser(kind: str, name: str):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as error:
-            raise AssertionError(f"the module {name} does not exist ({error})") from None
+            if error.name and (name + ".").startswith(error.name + "."):
+                raise AssertionError(f"the module {name} does not exist") from None
+            raise  # the module exists but one of its imports does not: a different failure
     else:
         path = ROOT / name
         if not path.is_file():
@@ -124,7 +126,12 @@ def load_parser(kind: str, name: str):
         spec = importlib.util.spec_from_file_location(f"documented_{path.stem.replace('-', '_')}", path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
+        # `python dir/script.py` puts dir first on sys.path; scripts may import their neighbours.
+        sys.path.insert(0, str(path.parent))
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(path.parent))
     if not hasattr(module, "get_args_parser"):
         raise AssertionError(f"{name} has no get_args_parser(), so its documented command cannot be checked")
     return module.get_args_parser
@@ -157,7 +164,7 @@ def check_command(command: Command) -> str | None:
 
 
 def _check(tokens: list[str], what: str) -> str | None:
-    if tokens == ["torchrun"]:  # the launcher named in prose
+    if len(tokens) == 1:  # `python` or `torchrun` named in prose
         return None
     if tokens[0] != "torchrun":
         rest = tokens[1:]
