@@ -69,10 +69,14 @@ def _bounded(kind: type, bounds: dict[str, float]) -> Callable[[str], Any]:
     return parse
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, title: str) -> None:
-    """Add one ``--kebab-case`` flag per field of ``config_cls`` with its default, help and bounds."""
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, title: str,
+                         exclude: Iterable[str] = ()) -> None:
+    """Add one ``--kebab-case`` flag per field of ``config_cls`` (but those named in ``exclude``)
+    with its default, help and bounds."""
     group = parser.add_argument_group(title)
     for item in dataclasses.fields(config_cls):
+        if item.name in exclude:
+            continue
         flag = "--" + item.name.replace("_", "-")
         help_text = item.metadata.get("help", "")
         kind = _flag_type(item.type)
@@ -140,12 +144,15 @@ class ConfigArgumentParser(CommandLineParser):
         return namespace, extras
 
 
-def build_parser(description: str, configs: list[tuple[type, str]]) -> argparse.ArgumentParser:
-    """A parser with one argument group per ``(config class, title)``; later groups may not redefine flags."""
+def build_parser(description: str, configs: list[tuple[type, str]], exclude: Iterable[str] = ()) -> argparse.ArgumentParser:
+    """A parser with one argument group per ``(config class, title)``; later groups may not redefine flags.
+
+    ``exclude``: fields of those classes that this script has no use for, so it does not offer them.
+    """
     parser = ConfigArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     for config_cls, title in configs:
-        add_config_arguments(parser, config_cls, title)
+        add_config_arguments(parser, config_cls, title, exclude)
     add_debug_argument(parser)
     return parser

@@ -128,8 +128,9 @@ class ShardedEvalSampler(Sampler[int]):
 
 
 def sharded_eval_loader(dataset: Dataset, batch_size: int, *, num_workers: int = 0, pin_memory: bool = False,
-                        persistent_workers: bool = False) -> DataLoader:
-    """A loader over this rank's :class:`ShardedEvalSampler` shard, in order.
+                        persistent_workers: bool = False, prefetch_factor: int | None = None) -> DataLoader:
+    """A loader over this rank's :class:`ShardedEvalSampler` shard, in order; with worker processes,
+    each keeps ``prefetch_factor`` batches in flight (``None``: PyTorch's default, 2).
 
     Its private generator matters: iterating a DataLoader draws a base seed from its generator,
     by default torch's global one, and a draw in the main thread while a training stream's
@@ -138,7 +139,7 @@ def sharded_eval_loader(dataset: Dataset, batch_size: int, *, num_workers: int =
     """
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardedEvalSampler(dataset), num_workers=num_workers,
                       pin_memory=pin_memory, persistent_workers=persistent_workers and num_workers > 0,
-                      generator=torch.Generator())
+                      prefetch_factor=prefetch_factor if num_workers > 0 else None, generator=torch.Generator())
 
 
 def _check_sampler(loader: DataLoader) -> None:

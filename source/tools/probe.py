@@ -41,7 +41,9 @@ from source.maths.models import build_backbone
 from source.run import checkpoint as ckpt
 from source.run.cli import build_parser
 from source.run.distributed import all_reduce_sum_, broadcast_object, cleanup_distributed, gather_uneven, get_world_size
+from source.run.errors import ConfigError, MissingInputError, run_entry_point
 from source.run.runtime import amp_dtype, run_directory, start
+from source.stages.engine import memory_format
 from source.stages.evaluation import ShardedEvalSampler, sharded_eval_loader, topk_correct
 
 logger = logging.getLogger("probe")
@@ -51,8 +53,13 @@ FEATURE_CACHE_VERSION = 1
 SPLITS = ("train", "val", "test")
 
 
+# General flags the probe has no use for: it logs no training steps and has nothing to resume.
+UNUSED_GENERAL_FLAGS = ("log_every", "wandb_project", "wandb_mode", "resume")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    return build_parser(__doc__, [(cfg.GeneralConfig, "general"), (cfg.ProbeConfig, "probe")])
+    return build_parser(__doc__, [(cfg.GeneralConfig, "general"), (cfg.ProbeConfig, "probe")],
+                        exclude=UNUSED_GENERAL_FLAGS)
 
 
 # --- features ----------------------------------------------------------------------------
@@ -60,10 +67,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.device,
-                     dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+                     dtype: torch.dtype | None = None,
+                     layout: torch.memory_format = torch.contiguous_format) -> tuple[Tensor, Tensor]:
     """Features (N, D) float32 and labels (N,) of every sample of ``loader.dataset``, in dataset order,
     on every rank. Each rank embeds the share of its :class:`ShardedEvalSampler` (sample i on rank
-    i mod W); the shares are gathered and put back in order."""
+    i mod W); the shares are gathered and put back in order. ``layout``: the memory format of the
+    input batches (``--channels-last``), the backbone's own."""
     sampler = loader.sampler
     if not isinstance(sampler, ShardedEvalSampler):
         raise ValueError("extract_features needs a loader with a ShardedEvalSampler (each sample exactly once)")
@@ -71,7 +80,7 @@ def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.devi
     features, labels = [], []
     for images, targets in loader:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            features.append(backbone(images.to(device, non_blocking=True)).float())
+            features.append(backbone(images.to(device, non_blocking=True, memory_format=layout)).float())
         labels.append(targets.to(device))
     width = int(broadcast_object(features[0].shape[1] if features else None))  # rank 0 always has a batch
     local = torch.cat(features) if features else torch.zeros((0, width), device=device)
@@ -85,7 +94,8 @@ def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.devi
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, device: torch.device) -> int:
+def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, device: torch.device,
+                          layout: torch.memory_format = torch.contiguous_format) -> int:
     """Re-estimate the running mean and variance of every BatchNorm of ``model`` on ``loader``'s images.
 
     Each BN's statistics are reset and then set to the equal-weight average of the per-batch
@@ -107,7 +117,7 @@ def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, device: torch.de
         for images, _ in loader:
             if images.shape[0] < 2:  # a last single image has no batch variance (and BN refuses it)
                 continue
-            model(images.to(device, non_blocking=True))
+            model(images.to(device, non_blocking=True, memory_format=layout))
             batches += 1
     finally:
         for norm, momentum in zip(norms, momenta):
@@ -193,9 +203,9 @@ def parse_penalties(text: str) -> list[float]:
     try:
         values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"--linear-wd {text!r} must be comma-separated numbers such as '1e-5,1e-4'") from None
+        raise ConfigError(f"--linear-wd {text!r} must be comma-separated numbers such as '1e-5,1e-4'") from None
     if not values or min(values) < 0:
-        raise ValueError(f"--linear-wd {text!r} needs at least one penalty, all >= 0")
+        raise ConfigError(f"--linear-wd {text!r} needs at least one penalty, all >= 0")
     return values
 
 
@@ -247,7 +257,7 @@ def cache_path(args: argparse.Namespace, settings: dict) -> Path:
 def check_args(args: argparse.Namespace) -> list[float]:
     """What the parser's per-flag bounds cannot check; returns the linear probe's penalties."""
     if args.dset in MULTILABEL_DATASETS:
-        raise ValueError(f"--dset {args.dset} is multi-label; the probe scores single-label top-1 only")
+        raise ConfigError(f"--dset {args.dset} is multi-label; the probe scores single-label top-1 only")
     return parse_penalties(args.linear_wd)
 
 
@@ -265,7 +275,7 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
     }
     weights_path = Path(args.model_dir) / args.backbone_filename
     if not weights_path.is_file():
-        raise FileNotFoundError(f"backbone weights not found: {weights_path} (check --model-dir and --backbone-filename)")
+        raise MissingInputError(f"backbone weights not found: {weights_path} (check --model-dir and --backbone-filename)")
     settings = broadcast_object(cache_settings(args, ckpt.file_sha256(weights_path), env.world_size) if env.is_main else None)
     cache = cache_path(args, settings)
     cached = broadcast_object(cache.is_file() if env.is_main else None)
@@ -277,17 +287,19 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
     else:
         backbone, _ = build_backbone(args.arch, cifar_stem=bool(args.cifar_stem))
         ckpt.load_weights(backbone, weights_path, "probe backbone", flags="--arch / --cifar-stem")
-        backbone.to(env.device)
+        layout = memory_format(args.channels_last, env.device)  # conv outputs follow the weights' layout
+        backbone.to(env.device, memory_format=layout)
 
         def loader(dataset: Dataset) -> DataLoader:
             return sharded_eval_loader(dataset, args.batch_size, num_workers=args.num_workers,
-                                       pin_memory=env.device.type == "cuda")
+                                       pin_memory=env.device.type == "cuda", prefetch_factor=args.prefetch_factor)
 
         if args.recalibrate_bn:
-            batches = recalibrate_batchnorm(backbone, loader(datasets["train"]), env.device)
+            batches = recalibrate_batchnorm(backbone, loader(datasets["train"]), env.device, layout)
             logger.info("BatchNorm statistics re-estimated on %d train batches", batches)
         dtype = amp_dtype(args.amp, env.device)
-        features = {split: extract_features(backbone, loader(datasets[split]), env.device, dtype) for split in SPLITS}
+        features = {split: extract_features(backbone, loader(datasets[split]), env.device, dtype, layout)
+                    for split in SPLITS}
         if env.is_main:
             stored = {f"{split}_{kind}": tensor for split, pair in features.items() for kind, tensor in zip(("features", "labels"), pair)}
             ckpt.save_atomic({**stored, "settings": json.dumps(settings, sort_keys=True)}, cache)
@@ -315,4 +327,4 @@ def main(args: argparse.Namespace) -> dict[str, float] | None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_entry_point(main, get_args_parser())
