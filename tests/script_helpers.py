@@ -1,7 +1,6 @@
 """Shared helpers for tests that run the entry scripts as real processes."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,18 +10,15 @@ from types import ModuleType
 import numpy as np
 from PIL import Image
 
+from source.run import scripts
 from tests.distributed_harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_script(name: str) -> ModuleType:
-    """An entry script (``"fine-tuning.py"``) as a module; its file name is not a valid module name.
-    Each call executes the file afresh, so a test may patch the module it gets freely."""
-    spec = importlib.util.spec_from_file_location(name.replace("-", "_").removesuffix(".py"), ROOT / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The entry script ``name`` (``"fine-tuning.py"``) at the repository root, executed afresh as a module."""
+    return scripts.load_script(ROOT / name)
 
 
 def make_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: int = 20, seed: int = 0) -> Path:
