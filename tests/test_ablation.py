@@ -1,16 +1,11 @@
 """The ablation study's pieces: the no-upper-level control of the BiSSL trainer and the variant plan."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from experiments.bissl_ablation import configured_solver, plan_variants
 from tests.bissl_helpers import make_batches, make_trainer, run_alternations
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from bissl_ablation import configured_solver, plan_variants  # noqa: E402
 
 
 def _flat(module: torch.nn.Module) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """BiSSL ablation: what the implicit gradient, the upper level and the extra pretext steps each contribute.
 
-    python bench/bissl_ablation.py                                     # demo scale, CPU (FashionMNIST)
-    python bench/bissl_ablation.py --scale paper --nproc 4 --dset pets --model-dir models \\
+    python experiments/bissl_ablation.py                                     # demo scale, CPU (FashionMNIST)
+    python experiments/bissl_ablation.py --scale paper --nproc 4 --dset pets --model-dir models \\
         --finetune-args "--lr 0.05 --wd 0.001"                         # paper scale, GPUs
 
 From ONE pre-trained backbone, every variant is fine-tuned on the same ``--seeds`` seeds
@@ -40,18 +40,16 @@ import dataclasses
 import os
 import shlex
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # runnable from anywhere
-    sys.path.insert(0, str(ROOT))
+import config_default as cfg
+from source.run.scripts import load_script
+from source.tools.compare import csv_report, load_run, markdown_report, plot_comparison
 
-import config_default as cfg  # noqa: E402
-import demo  # noqa: E402
-from source.tools.compare import csv_report, load_run, markdown_report, plot_comparison  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+demo = load_script(ROOT / "demo.py")  # the demo's stage sizes and command lines, reused at --scale demo
 
 DEFAULT_VARIANTS = "pretrained,bissl,no-implicit,no-upper,solver-layerwise,solver-global,solver-minres"
 
