@@ -4,7 +4,7 @@ A command is a line of a fenced code block (with its ``\\`` continuations joined
 code span that starts with ``python``/``python3`` (any path to it, e.g. ``.venv/bin/python``) or
 ``torchrun``, after leading ``VAR=value`` assignments; ``&&``, ``;`` and pipes separate commands.
 Its arguments go through the ``get_args_parser()`` of the script (``python bissl.py ...``, loaded
-by path because the names have hyphens) or module (``python -m source.tools.compare ...``) it
+by path with ``source.run.scripts.load_script`` because the names have hyphens) or module (``python -m source.tools.compare ...``) it
 names; torchrun's own options go through torchrun's parser. So a renamed or removed flag fails
 this test instead of the reader.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.util
 import io
 import re
 import shlex
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import pytest
 from torch.distributed.run import get_args_parser as torchrun_parser
+
+from source.run import scripts
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -111,7 +112,7 @@ def documented_commands() -> list[Command]:
 @cache
 def load_parser(kind: str, name: str):
     """The ``get_args_parser`` function of a script (``kind`` "script", path from the repository
-    root) or module (``kind`` "module"). A local loader: tests/script_helpers.py has none yet."""
+    root) or module (``kind`` "module")."""
     if kind == "module":
         try:
             module = importlib.import_module(name)
@@ -123,13 +124,10 @@ def load_parser(kind: str, name: str):
         path = ROOT / name
         if not path.is_file():
             raise AssertionError(f"the script {name} does not exist")
-        spec = importlib.util.spec_from_file_location(f"documented_{path.stem.replace('-', '_')}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
         # `python dir/script.py` puts dir first on sys.path; scripts may import their neighbours.
         sys.path.insert(0, str(path.parent))
         try:
-            spec.loader.exec_module(module)
+            module = scripts.load_script(path)
         finally:
             sys.path.remove(str(path.parent))
     if not hasattr(module, "get_args_parser"):
@@ -276,3 +274,18 @@ def test_foreign_commands_are_skipped() -> None:
     for line in ("python -m pytest -q tests", "python -m pip install gdown"):
         (command,) = split_commands(line, "x.md:1")
         assert check_command(command) is None
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def test_relative_links_resolve() -> None:
+    """Every relative link of README.md and docs/ (and bench/RESULTS.md) names a file that exists."""
+    broken = []
+    for path in [*DOCUMENTS, ROOT / "bench" / "RESULTS.md"]:
+        for target in LINK.findall(path.read_text(encoding="utf-8")):
+            if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+                continue
+            if not (path.parent / target.split("#")[0]).exists():
+                broken.append(f"{path.relative_to(ROOT)}: {target}")
+    assert not broken, f"links to missing files: {broken}"
