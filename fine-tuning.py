@@ -45,8 +45,11 @@ from source.maths.models import Classifier, build_backbone
 from source.run import checkpoint as ckpt
 from source.run.cli import build_parser
 from source.run.distributed import DistEnv, broadcast_object, cleanup_distributed, gather_objects, seed_everything
+from source.run.errors import ConfigError, MissingInputError, UserError, run_entry_point
 from source.run.runtime import amp_dtype, changed_settings, check_settings_unchanged, open_run_dir, run_directory, start
+from source.run.state_dict import WeightsError
 from source.run.tracking import MetricsWriter
+from source.stages.engine import memory_format
 from source.stages.evaluation import METRIC_LABELS
 from source.stages.finetune import STATUS_OK, fine_tune, score_name
 from source.stages.hpo import (
@@ -107,7 +110,7 @@ def load_splits(args: argparse.Namespace) -> DownstreamSplits:
     except DatasetNotFoundError as error:
         problems.append(str(error))
     if problems:
-        raise FileNotFoundError("fine-tuning cannot start:\n  - " + "\n  - ".join(problems))
+        raise MissingInputError("fine-tuning cannot start:\n  - " + "\n  - ".join(problems))
     return splits
 
 
@@ -141,7 +144,8 @@ def prepare_run_dir(args: argparse.Namespace, run_dir: Path, inputs: dict[str, s
 
 def eval_loader(dataset: Dataset, args: argparse.Namespace, device: torch.device, persistent: bool) -> DataLoader:
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-                      pin_memory=device.type == "cuda", persistent_workers=persistent and args.num_workers > 0)
+                      pin_memory=device.type == "cuda", persistent_workers=persistent and args.num_workers > 0,
+                      prefetch_factor=args.prefetch_factor if args.num_workers > 0 else None)
 
 
 def run_trial(
@@ -155,11 +159,13 @@ def run_trial(
     seed_everything(trial.seed)
     backbone, feat_dim = build_backbone(args.pretrain_arch, cifar_stem=bool(args.pretrain_cifar_stem))
     backbone.load_state_dict(pretrained)
-    model = Classifier(backbone, feat_dim, splits.num_classes).to(env.device)
+    layout = memory_format(args.channels_last, env.device)  # of the backbone's weights and the input batches
+    model = Classifier(backbone, feat_dim, splits.num_classes).to(env.device, memory_format=layout)
     generator = torch.Generator().manual_seed(trial.seed)
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, generator=generator,
                               num_workers=args.num_workers, pin_memory=env.device.type == "cuda",
-                              persistent_workers=args.num_workers > 0)
+                              persistent_workers=args.num_workers > 0,
+                              prefetch_factor=args.prefetch_factor if args.num_workers > 0 else None)
 
     # A rerun of a trial that was killed starts over: its old per-epoch log and wandb run go.
     trial_dir = run_dir / "trials" / f"trial-{trial.index:04d}"
@@ -181,7 +187,7 @@ def run_trial(
             multilabel_loss=args.multilabel_loss,
             show_progress=env.is_main, description=f"trial {trial.index} (lr {trial.lr:g}, wd {trial.wd:g})",
             on_epoch=lambda metrics: writer.log(metrics, step=int(metrics["epoch"])),
-            on_final_model=save_final if args.save_model else None,
+            on_final_model=save_final if args.save_model else None, layout=layout,
         )
     finally:
         writer.close()
@@ -227,11 +233,11 @@ def main(args: argparse.Namespace) -> None:
     val_set = subsample(splits.val, args.max_eval_samples or None, seed=args.seed, stratify=True)
     test_set = subsample(splits.test, args.max_eval_samples or None, seed=args.seed, stratify=True)
     if len(train_set) < args.batch_size:
-        raise ValueError(f"the train split has {len(train_set)} images, fewer than one batch (--batch-size {args.batch_size})")
+        raise ConfigError(f"the train split has {len(train_set)} images, fewer than one batch (--batch-size {args.batch_size})")
     pretrained = load_pretrained_backbone(args)
     inputs = {BACKBONE_IDENTITY: ckpt.file_sha256(Path(args.model_dir) / args.pretrained_backbone_filename)}
     if len(set(gather_objects(inputs[BACKBONE_IDENTITY]))) > 1:  # e.g. nodes with different copies of the file
-        raise RuntimeError(f"the ranks read different {args.pretrained_backbone_filename} files (content differs); "
+        raise WeightsError(f"the ranks read different {args.pretrained_backbone_filename} files (content differs); "
                            "every rank must fine-tune the same backbone")
     metric = score_name(splits.multilabel)
     logger.info("%s: %d train / %d val / %d test images, %d classes; backbone %s (%s)", args.dset, len(train_set),
@@ -277,8 +283,8 @@ def main(args: argparse.Namespace) -> None:
         run_lock.release()
     cleanup_distributed()
     if failed_sweep is not None:
-        raise SystemExit(f"fine-tuning: {failed_sweep}")
+        raise UserError(f"fine-tuning: {failed_sweep}")
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_entry_point(main, get_args_parser())

@@ -26,6 +26,7 @@ import source.run.checkpoint as ckpt
 from source.maths.models import Projector, build_backbone
 from source.run.checkpoint import CheckpointError, DivergedStateError, WeightsError
 from source.run.distributed import broadcast_module_, check_ranks_identical
+from source.run.errors import UserError
 from source.run.runtime import RunDirBusyError, RunDirLock, RunSettingsError, changed_settings, check_writable, move_run_aside
 from source.run.tracking import MetricsWriter
 from tests.distributed_harness import run_in_processes
@@ -287,7 +288,7 @@ def test_finetuning_refuses_other_settings_and_another_backbone_and_fails_when_e
     with pytest.raises(RunSettingsError, match="content of --pretrained-backbone-filename: sha256"):
         script.main(script.get_args_parser().parse_args(flags()))
     # A sweep in which every trial diverged is a failure.
-    with pytest.raises(SystemExit, match="every one of the 1 finished trials failed"):
+    with pytest.raises(UserError, match="every one of the 1 finished trials failed"):
         script.main(script.get_args_parser().parse_args(flags("--lr", "1e6", "--run-dir", str(tmp_path / "diverging"))))
 
 

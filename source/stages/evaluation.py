@@ -160,6 +160,7 @@ def evaluate(
     multilabel: bool,
     amp_dtype: torch.dtype | None = None,
     distributed: bool = True,
+    layout: torch.memory_format = torch.contiguous_format,
 ) -> dict[str, float]:
     """Score ``model`` (``model(x) -> logits (B, C)``) on every sample of ``loader`` across ranks.
 
@@ -178,7 +179,8 @@ def evaluate(
 
     ``distributed=False`` scores only this process's loader and communicates nothing, for
     processes that each evaluate their own model (one fine-tuning trial per process); the loader
-    must then visit the whole evaluation set.
+    must then visit the whole evaluation set. ``layout``: memory format of the input batches
+    (``--channels-last``).
     """
     _check_sampler(loader)
     modes = {module: module.training for module in model.modules()}
@@ -190,7 +192,7 @@ def evaluate(
     all_scores, all_targets = [], []
     try:
         for images, targets in loader:
-            images = images.to(device, non_blocking=True)
+            images = images.to(device, non_blocking=True, memory_format=layout)
             targets = targets.to(device, non_blocking=True)
             with autocast:
                 logits = model(images)

@@ -29,6 +29,7 @@ import config_default as cfg
 from source.maths.losses import downstream_criterion
 from source.maths.optim import warmup_cosine_scheduler
 from source.run.checkpoint import unhealthy_tensors
+from source.run.errors import ConfigError
 from source.stages.engine import make_grad_scaler
 from source.stages.evaluation import evaluate
 
@@ -107,8 +108,10 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None,
     epoch: int,
     progress: tqdm,
+    layout: torch.memory_format = torch.contiguous_format,
 ) -> float:
-    """One pass over ``loader`` (images (B, 3, H, W), targets (B,) or (B, C)); returns the mean loss.
+    """One pass over ``loader`` (images (B, 3, H, W) moved to ``device`` in memory format ``layout``,
+    targets (B,) or (B, C)); returns the mean loss.
 
     The scheduler steps after every optimizer step. Raises :class:`TrialDiverged` on the first
     non-finite loss, before that loss is back-propagated.
@@ -116,7 +119,7 @@ def train_one_epoch(
     model.train()
     total, steps = 0.0, 0
     for images, targets in loader:
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=layout)
         targets = targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)
@@ -136,7 +139,7 @@ def train_one_epoch(
         progress.update(1)
         progress.set_postfix(epoch=epoch, loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", refresh=False)
     if steps == 0:
-        raise ValueError("the training loader produced no batch: the train split is smaller than one batch")
+        raise ConfigError("the training loader produced no batch: the train split is smaller than one batch")
     return total / steps
 
 
@@ -158,6 +161,7 @@ def fine_tune(
     description: str = "fine-tuning",
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     on_final_model: Callable[[nn.Module], None] | None = None,
+    layout: torch.memory_format = torch.contiguous_format,
 ) -> TrialResult:
     """Train ``model`` (images -> logits (B, C), already on ``device``) for ``epochs`` and score it.
 
@@ -175,6 +179,7 @@ def fine_tune(
     which is therefore left holding the best-epoch weights.
 
     A non-finite training or validation loss ends the trial with ``status = "failed"``.
+    ``layout``: memory format of the input batches (``--channels-last``; the model's is the caller's).
     """
     if epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {epochs}")
@@ -191,8 +196,8 @@ def fine_tune(
         for epoch in range(1, epochs + 1):
             lr_at_start = optimizer.param_groups[0]["lr"]
             train_loss = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, criterion,
-                                         device, amp_dtype, epoch, progress)
-            val_scores = evaluate(model, val_loader, device, multilabel, amp_dtype, distributed=False)
+                                         device, amp_dtype, epoch, progress, layout)
+            val_scores = evaluate(model, val_loader, device, multilabel, amp_dtype, distributed=False, layout=layout)
             if not math.isfinite(val_scores["loss"]):
                 raise TrialDiverged(f"non-finite validation loss ({val_scores['loss']}) after epoch {epoch}")
             # Weights can explode while BatchNorm keeps the loss finite: that is a divergence too.
@@ -215,7 +220,7 @@ def fine_tune(
 
     if result.status == STATUS_OK:
         result.final_val = val_scores[score]
-        result.test_final = evaluate(model, test_loader, device, multilabel, amp_dtype, distributed=False)[score]
+        result.test_final = evaluate(model, test_loader, device, multilabel, amp_dtype, distributed=False, layout=layout)[score]
         if on_final_model is not None:
             on_final_model(model)
     if result.best_state is not None:
@@ -223,5 +228,6 @@ def fine_tune(
             result.test_best = result.test_final  # the final model is the best one
         else:
             model.load_state_dict(result.best_state)
-            result.test_best = evaluate(model, test_loader, device, multilabel, amp_dtype, distributed=False)[score]
+            result.test_best = evaluate(model, test_loader, device, multilabel, amp_dtype, distributed=False,
+                                        layout=layout)[score]
     return result
