@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from source.run.errors import DEBUG_ENV, CommandLineParser, UserError, add_debug_argument, run_entry_point
+
 ROOT = Path(__file__).resolve().parent
 
 # Sized by measurement to stay well inside 15 minutes on 2 CPU cores (see the README).
@@ -41,12 +43,13 @@ BISSL_CONFIG = f"BiSSL_simclr_arch-{ARCH}_dset-fashionmnist_config.json"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="data", help="dataset root holding FashionMNIST/raw (default: data)")
     parser.add_argument("--out-dir", default="demo_out", help="weights, runs and results of the demo (default: demo_out)")
     parser.add_argument("--nproc", type=int, default=2, help="torchrun processes per stage (default: 2)")
     parser.add_argument("--seeds", type=int, default=SEEDS, help=f"fine-tuning seeds per backbone, the same for both (default: {SEEDS})")
     parser.add_argument("--device", default="cpu", help="cpu|cuda|auto (default: cpu)")
+    add_debug_argument(parser)  # also passed on to every stage (BISSL_DEBUG=1)
     return parser
 
 
@@ -80,7 +83,7 @@ class Stages:
             self.attempts[name] = self.attempts.get(name, 0.0) + time.perf_counter() - start
             self.attempts_path.write_text(json.dumps(self.attempts, indent=2))
         if result.returncode != 0:
-            sys.exit(f"[{tag}] {name} failed (exit {result.returncode}); fix the error above and rerun to resume")
+            raise UserError(f"[{tag}] {name} failed (exit {result.returncode}); fix the error above and rerun to resume")
         self.timings[name] = self.attempts.pop(name)
         self.path.write_text(json.dumps(self.timings, indent=2))
         self.attempts_path.write_text(json.dumps(self.attempts, indent=2))
@@ -134,6 +137,8 @@ def finetune_args(origin: str, weights: str, seeds: int, run_dir: Path) -> list:
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"  # the stages' scripts inherit it
     start = time.perf_counter()
     out_dir = (ROOT / args.out_dir).resolve()
     models = out_dir / "models"
@@ -197,4 +202,4 @@ def plot_bissl_stage(bissl_config: Path, path: Path) -> Path | None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_entry_point(main, get_args_parser())

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import config_default as cfg
+from source.run.errors import run_entry_point
 from source.run.scripts import load_script
 from source.tools.compare import csv_report, load_run, markdown_report, plot_comparison
 
@@ -257,4 +258,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_entry_point(main, get_args_parser())
