@@ -38,7 +38,7 @@ class GeneralConfig:
     num_workers: int = opt(-1, "DataLoader worker processes per rank. 0 = load in the main process, where a background "
                            "thread prepares the next batches while the model computes; -1 = auto: 0 on CPU (the model "
                            "step already uses every core), on CUDA the cores per GPU process minus one, at most 16 "
-                           "(README: Data loading).", at_least=-1)
+                           "(docs/data-loading.md).", at_least=-1)
     prefetch_factor: int = opt(2, "Batches each worker process (or the --num-workers 0 thread) prepares ahead.", at_least=1)
     channels_last: str = opt("auto", "Memory format of the backbones and their inputs: 1 = channels_last (NHWC, faster "
                              "convolutions on GPUs), 0 = contiguous NCHW; auto = 1 on CUDA, 0 on CPU (no gain measured there).",
@@ -161,7 +161,7 @@ class BisslConfig:
     cg_iter_num: int = opt(5, "Conjugate-gradient iterations per upper step.")
     cg_solver: str = opt("layerwise", "Solver of (I + H/(lam + delta)) x = v, one HVP per iteration: layerwise = CG with one "
                          "alpha/beta per tensor (the original); global = textbook CG; minres = MINRES (monotone "
-                         "residual, also for indefinite systems). See the README's solver section.",
+                         "residual, also for indefinite systems). See docs/implicit-gradient.md.",
                          ("layerwise", "global", "minres"))
     cg_verbose: int = opt(0, "1: log the solver's residual norms of every upper step.", (0, 1))
     curvature_every: int = opt(0, "Every N alternations, probe the pretext Hessian H with Lanczos (source/tools/curvature.py) and log "

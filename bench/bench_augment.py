@@ -14,7 +14,7 @@ requirements-dev.txt).
 ``--jpeg-side 500`` adds one more line: our pipeline at the largest ``--sizes`` value on JPEG
 files of ImageNet's typical size (500 x 375, quality 90; decoding included, as an ImageFolder run
 pays it), i.e. the CPU cost c of one ImageNet-style sample: a GPU that trains g images/s needs
-about g * c / 1000 loader cores (README, Data loading).
+about g * c / 1000 loader cores (docs/data-loading.md).
 
 The two pipelines are timed interleaved (ours, lightly, lightly, ours, ...), one pass over all the
 images each, in the same process, for every image size and torch thread count; the table

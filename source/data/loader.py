@@ -52,7 +52,7 @@ _MASK64 = (1 << 64) - 1
 # Nice value added to the prefetch thread and, on CPU runs, to the worker processes (0 = off).
 BACKGROUND_NICE = 10
 # Upper bound of the automatic worker count per GPU process: enough for the paper's setting (see
-# README "Data loading"); more processes mostly add memory and start-up time.
+# docs/data-loading.md); more processes mostly add memory and start-up time.
 AUTO_MAX_WORKERS = 16
 
 
