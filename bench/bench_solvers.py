@@ -53,13 +53,13 @@ from source.maths.bilevel import (  # noqa: E402
     hessian_vector_product,
     solve,
 )
+from source.maths.curvature import probe_hessian  # noqa: E402
 from source.maths.models import build_backbone  # noqa: E402
 from source.maths.optim import build_optimizer, warmup_cosine_scheduler  # noqa: E402
 from source.run.distributed import resolve_device  # noqa: E402
 from source.stages.bissl_trainer import BilevelSettings, BisslTrainer  # noqa: E402
 from source.stages.engine import peak_memory_metrics  # noqa: E402
 from source.stages.pretext import SimCLR  # noqa: E402
-from source.tools.curvature import probe_hessian  # noqa: E402
 
 QUICK = dict(pretrain_steps=2, hessian_batch=4, upper_batch=8, max_iters=3, probe_iters=4, num_rhs=1, upper_steps=2,
              match_k=2)

@@ -68,9 +68,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         _synchronize(device)
         start, start_cpu = time.perf_counter(), time.process_time()
         with preserved_buffers(backbone, projector):
-            x = implicit_gradient(
-                lower_loss, params, rhs, args.lam, args.cg_damping, args.cg_iters, reuse_graph=reuse_graph
-            )
+            x, _ = implicit_gradient(params, rhs, lower_loss=lower_loss, lam=args.lam, damping=args.cg_damping,
+                                     cg_iters=args.cg_iters, reuse_graph=reuse_graph)
         _synchronize(device)
         return time.perf_counter() - start, time.process_time() - start_cpu, x
 

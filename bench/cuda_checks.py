@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from source.data import build_pretext_dataset, pretext_transform, subsample  # noqa: E402
 from source.data.stream import BatchStream  # noqa: E402
-from source.maths.bilevel import HessianVectorOperator, frozen_batch_norm_statistics, hessian_vector_product, implicit_solve  # noqa: E402
+from source.maths.bilevel import HessianVectorOperator, frozen_batch_norm_statistics, hessian_vector_product, implicit_gradient  # noqa: E402
 from source.maths.models import build_backbone  # noqa: E402
 from source.stages.pretext import SimCLR  # noqa: E402
 
@@ -80,8 +80,10 @@ def main() -> None:
             hessian = HessianVectorOperator(loss, params)
             shared = hessian(vectors)
             recomputed = hessian_vector_product(loss, params, vectors)
-            x_minres, report = implicit_solve(None, params, vectors, 0.001, 5000.0, 4, "minres", hessian=hessian)
-            x_cg, _ = implicit_solve(None, params, vectors, 0.001, 5000.0, 4, "global", hessian=hessian)
+            x_minres, report = implicit_gradient(params, vectors, hessian=hessian, lam=0.001, damping=5000.0,
+                                                 cg_iters=4, solver="minres")
+            x_cg, _ = implicit_gradient(params, vectors, hessian=hessian, lam=0.001, damping=5000.0,
+                                        cg_iters=4, solver="global")
         results.append((shared, recomputed, x_minres, x_cg, float(report.true_rel_residual)))
     cpu, cuda = results
     errors = [relative_error(cuda[i], cpu[i]) for i in range(4)]

@@ -24,7 +24,6 @@ from source.maths.bilevel import (
     frozen_batch_norm_statistics,
     hessian_vector_product,
     implicit_gradient,
-    implicit_solve,
     minres,
     preserved_buffers,
     solve,
@@ -248,7 +247,7 @@ def test_minres_propagates_nan_and_rejects_bad_arguments():
         solve(lambda p: p, (torch.ones(2),), 1, "lanczos")
 
 
-def test_implicit_gradient_solver_keyword_and_layerwise_compatibility():
+def test_implicit_gradient_solver_keyword():
     gen = torch.Generator().manual_seed(14)
     matrix = _random_spd(5, gen)
     theta = torch.randn(5, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -258,19 +257,18 @@ def test_implicit_gradient_solver_keyword_and_layerwise_compatibility():
         return 0.5 * theta @ matrix @ theta
 
     def run(**kwargs):
-        return implicit_gradient(lower_loss, [theta], [vector], lam=0.5, damping=0.5, cg_iters=2, **kwargs)[0]
+        return implicit_gradient([theta], [vector], lower_loss=lower_loss, lam=0.5, damping=0.5, cg_iters=2, **kwargs)[0][0]
 
     assert torch.equal(run(), run(solver="layerwise"))
-    assert torch.equal(run(layerwise=True), run(solver="layerwise"))
-    assert torch.equal(run(layerwise=False), run(solver="global"))
     assert not torch.equal(run(solver="minres"), run(solver="global"))  # different Krylov criteria
-    with pytest.raises(ValueError, match="contradicts"):
-        run(layerwise=True, solver="minres")
+    with pytest.raises(TypeError, match="layerwise"):  # the legacy keyword is gone: solver= says it
+        run(layerwise=True)
     with pytest.raises(ValueError, match="unknown solver"):
         run(solver="gmres")
     exact = torch.linalg.solve(torch.eye(5, dtype=torch.float64) + matrix, vector)
     for solver in SOLVERS[1:]:
-        x, report = implicit_solve(lower_loss, [theta], [vector], 0.5, 0.5, 5, solver=solver)
+        x, report = implicit_gradient([theta], [vector], lower_loss=lower_loss, lam=0.5, damping=0.5, cg_iters=5,
+                                      solver=solver)
         torch.testing.assert_close(x[0], exact, rtol=1e-8, atol=1e-8)
         assert float(report.true_rel_residual) < 1e-8
 
@@ -282,7 +280,8 @@ def test_zero_iterations_give_zero_without_any_hessian_product():
         raise AssertionError("no forward pass is needed for x = 0")
 
     for solver in SOLVERS:
-        x, report = implicit_solve(lower_loss, [theta], [torch.ones(3)], 0.001, 10.0, 0, solver=solver)
+        x, report = implicit_gradient([theta], [torch.ones(3)], lower_loss=lower_loss, lam=0.001, damping=10.0, cg_iters=0,
+                                      solver=solver)
         assert torch.equal(x[0], torch.zeros(3)) and report.matvecs == 0
         assert report.metrics()["cg/true_rel_residual"] == 1.0
 
@@ -418,11 +417,11 @@ def test_implicit_gradient_matches_closed_form_on_a_quadratic(layerwise, reuse_g
         return 0.5 * flat @ matrix @ flat + linear @ flat
 
     expected = torch.linalg.solve(torch.eye(6, dtype=torch.float64) + matrix / (lam + damping), vector.reshape(-1))
-    norms: list = []
-    (x,) = implicit_gradient(
-        lower_loss, [theta], [vector], lam, damping, cg_iters=12,
-        layerwise=layerwise, reuse_graph=reuse_graph, residual_norms=norms,
+    (x,), report = implicit_gradient(
+        [theta], [vector], lower_loss=lower_loss, lam=lam, damping=damping, cg_iters=12,
+        solver="layerwise" if layerwise else "global", reuse_graph=reuse_graph,
     )
+    norms = report.residual_norms
     torch.testing.assert_close(x.reshape(-1), expected, rtol=1e-6, atol=1e-6)
     assert len(norms) == 12 and norms[-1] < 1e-8
     assert torch.equal(vector, vector_before)
@@ -439,7 +438,7 @@ def test_implicit_gradient_global_cg_on_coupled_tensors():
         flat = torch.cat([first, second])
         return 0.5 * flat @ matrix @ flat
 
-    x = implicit_gradient(lower_loss, [first, second], vectors, lam=1.0, damping=0.0, cg_iters=5, layerwise=False)
+    x, _ = implicit_gradient([first, second], vectors, lower_loss=lower_loss, lam=1.0, damping=0.0, cg_iters=5, solver="global")
     expected = torch.linalg.solve(torch.eye(5, dtype=torch.float64) + matrix, _flat(vectors))
     torch.testing.assert_close(_flat(x), expected, rtol=1e-6, atol=1e-6)
 
@@ -447,9 +446,9 @@ def test_implicit_gradient_global_cg_on_coupled_tensors():
 def test_implicit_gradient_rejects_bad_arguments():
     theta = torch.ones(2, requires_grad=True)
     with pytest.raises(ValueError, match="lam"):
-        implicit_gradient(lambda: (theta**2).sum(), [theta], [torch.ones(2)], lam=0.0, damping=0.0, cg_iters=1)
+        implicit_gradient([theta], [torch.ones(2)], lower_loss=lambda: (theta**2).sum(), lam=0.0, damping=0.0, cg_iters=1)
     with pytest.raises(ValueError, match="shape"):
-        implicit_gradient(lambda: (theta**2).sum(), [theta], [torch.ones(3)], lam=1.0, damping=0.0, cg_iters=1)
+        implicit_gradient([theta], [torch.ones(3)], lower_loss=lambda: (theta**2).sum(), lam=1.0, damping=0.0, cg_iters=1)
 
 
 def _logistic_loss(weight, bias, inputs, labels):
@@ -504,10 +503,9 @@ def test_hypergradient_matches_central_finite_differences():
     bias = theta_star[d].clone().requires_grad_(True)  # two tensors: exercises the split
     upper_grads = torch.autograd.grad(_logistic_loss(weight, bias, upper_x, upper_y), [weight, bias])
     for reuse_graph in (True, False):
-        x = implicit_gradient(
-            lambda: _logistic_loss(weight, bias, lower_x, lower_y),
-            [weight, bias], upper_grads, lam=lam, damping=0.0, cg_iters=20,
-            layerwise=False, reuse_graph=reuse_graph,
+        x, _ = implicit_gradient(
+            [weight, bias], upper_grads, lower_loss=lambda: _logistic_loss(weight, bias, lower_x, lower_y),
+            lam=lam, damping=0.0, cg_iters=20, solver="global", reuse_graph=reuse_graph,
         )
         torch.testing.assert_close(_flat(x), finite_difference, rtol=1e-6, atol=1e-8)
     # The correction is material: the naive ∇L_D(θ_P*) is far from the true hypergradient.
@@ -532,8 +530,8 @@ def test_graph_reuse_equals_recompute_on_a_resnet():
     for reuse_graph in (True, False):
         with preserved_buffers(model):
             results[reuse_graph] = implicit_gradient(
-                lower_loss, params, vectors, lam=0.001, damping=0.1, cg_iters=3, reuse_graph=reuse_graph
-            )
+                params, vectors, lower_loss=lower_loss, lam=0.001, damping=0.1, cg_iters=3, reuse_graph=reuse_graph
+            )[0]
     reused, recomputed = _flat(results[True]), _flat(results[False])
     assert torch.isfinite(reused).all()
     assert (reused - _flat(vectors)).abs().max() > 1e-4  # the Hessian term matters
@@ -563,7 +561,8 @@ def _solve(model, inputs, labels, vectors, layerwise):
     def lower_loss():
         return F.cross_entropy(model(inputs), labels)
 
-    return implicit_gradient(lower_loss, list(model.parameters()), vectors, lam=0.05, damping=0.05, cg_iters=6, layerwise=layerwise)
+    return implicit_gradient(list(model.parameters()), vectors, lower_loss=lower_loss, lam=0.05, damping=0.05, cg_iters=6,
+                             solver="layerwise" if layerwise else "global")[0]
 
 
 def _distributed_worker(rank: int, world_size: int, layerwise: bool):

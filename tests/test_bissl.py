@@ -79,7 +79,8 @@ def test_upper_gradient_composition_matches_formula(gamma, shared_graph):
     combined = torch.autograd.grad(lower_loss + gamma * upper_loss,
                                    reference.lower_backbone_params + reference.upper_backbone_params + reference.head_params)
     rhs, plain_backbone, head = combined[:n], combined[n:2 * n], combined[2 * n:]
-    x = implicit_gradient(lambda: reference.lower_model(v1, v2), reference.lower_backbone_params, rhs, 0.5, 1.0, 3)
+    x, _ = implicit_gradient(reference.lower_backbone_params, rhs, lower_loss=lambda: reference.lower_model(v1, v2),
+                             lam=0.5, damping=1.0, cg_iters=3)
     for got, xi, gi in zip(captured["upper"], x, plain_backbone):
         torch.testing.assert_close(got, xi + gi, atol=1e-6, rtol=1e-5)
     for got, expected in zip(captured["head"], head):

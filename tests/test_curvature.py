@@ -1,4 +1,4 @@
-"""Tests for source/tools/curvature.py: Lanczos Ritz values vs ``torch.linalg.eigvalsh``.
+"""Tests for source/maths/curvature.py (the CLI: source/tools/curvature.py): Ritz values vs ``eigvalsh``.
 
 The reference Hessian of a tiny SimCLR model's loss w.r.t. its backbone is formed with
 ``torch.autograd.functional.hessian`` (float64), so the probe's extremes can be checked exactly.
@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from source.maths.curvature import CurvatureReport, lanczos, probe_lower_model, ritz_values
 from source.stages.pretext import SimCLR
-from source.tools.curvature import CurvatureReport, lanczos, probe_lower_model, ritz_values
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -116,7 +116,7 @@ def test_report_numbers():
 def test_probe_during_training_changes_nothing_and_bissl_logs_it(tmp_path):
     """The in-run probe draws nothing from the global RNG (its stream is seeded per sample, its
     Lanczos start vector comes from a private generator) and leaves the model as it was."""
-    from source.tools.curvature import probe_next_batch
+    from source.maths.curvature import probe_next_batch
 
     model = _tiny_simclr().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}

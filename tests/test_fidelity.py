@@ -14,6 +14,7 @@ from source.data.transforms import downstream_train_transform, pretext_transform
 from source.maths.losses import downstream_criterion
 from source.maths.models import build_backbone
 from source.run.tracking import MetricsWriter
+from source.stages.bissl_run import upper_steps_per_alternation
 from source.stages.bissl_trainer import BisslTrainer
 from tests.bissl_helpers import CLASSES, make_trainer
 from tests.script_helpers import load_script
@@ -236,8 +237,7 @@ def test_fine_tune_uses_the_chosen_multilabel_loss(monkeypatch):
     (8, 5, False, 8),
 ])
 def test_upper_steps_per_alternation(num_iter, batches, whole_passes, expected):
-    bissl = load_script("bissl.py")
-    assert bissl.upper_steps_per_alternation(num_iter, batches, whole_passes) == expected
+    assert upper_steps_per_alternation(num_iter, batches, whole_passes) == expected
 
 
 @pytest.mark.parametrize("script, flags", [

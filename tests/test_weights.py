@@ -15,6 +15,7 @@ import torchvision
 from source.maths.models import Projector, build_backbone
 from source.run.checkpoint import WeightsError, load_weights
 from source.run.errors import EXIT_USER_ERROR, run_entry_point
+from source.stages.bissl_run import load_lower_model
 from source.tools import weights
 from tests.script_helpers import load_script
 
@@ -330,7 +331,7 @@ def test_bissl_loads_the_original_codes_byol_backbone_and_head(tmp_path, backbon
         "--model-dir", str(tmp_path), "--arch", ARCH, "--p-pretext-type", "byol", "--p-mlp", "64-32",
         "--p-pretrained-backbone-filename", "bb.pth", "--p-pretrained-proj-filename", "head.pth",
         "--p-pretrained-pred-filename", "head.pth"])
-    model = script.load_lower_model(args)
+    model = load_lower_model(args)
     assert_same(model.backbone.state_dict(), backbone_state)
     assert_same(model.projector.state_dict(), {k[10:]: v for k, v in head.items() if k.startswith("projector.")})
     assert_same(model.predictor.state_dict(), {k[10:]: v for k, v in head.items() if k.startswith("predictor.")})

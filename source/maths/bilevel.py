@@ -25,16 +25,19 @@ Every function here works on a *sequence of tensors* (one per parameter tensor) 
 flattened vector, so no copy of the parameters is ever concatenated.
 
 BatchNorm: a Hessian-vector product runs the lower model's forward pass in train mode, which
-would update BatchNorm running statistics. ``implicit_gradient`` does not know about modules;
-the caller wraps it in :func:`preserved_buffers`, or builds a :class:`HessianVectorOperator`
-under :func:`frozen_batch_norm_statistics` (which a graph that outlives the context needs)::
+would update BatchNorm running statistics. :func:`implicit_gradient` (the one entry point) does
+not know about modules; the caller wraps it in :func:`preserved_buffers`, or builds a
+:class:`HessianVectorOperator` under :func:`frozen_batch_norm_statistics` (which a graph that
+outlives the context needs)::
 
     with preserved_buffers(lower_backbone, lower_head):
-        x = implicit_gradient(lambda: pretext_loss(batch), lower_params, v, lam, damping, cg_iters)
+        x, report = implicit_gradient(lower_params, v, lower_loss=lambda: pretext_loss(batch),
+                                      lam=lam, damping=damping, cg_iters=cg_iters)
 
     with frozen_batch_norm_statistics(lower_model):
         hessian = HessianVectorOperator(lambda: pretext_loss(batch), lower_params)
-    x, report = implicit_solve(None, lower_params, v, lam, damping, 5, "minres", hessian=hessian)
+    x, report = implicit_gradient(lower_params, v, hessian=hessian, lam=lam, damping=damping,
+                                  cg_iters=5, solver="minres")
 """
 from __future__ import annotations
 
@@ -165,13 +168,13 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
-def _inner(us: Sequence[Tensor], vs: Sequence[Tensor]) -> Tensor:
+def inner_product(us: Sequence[Tensor], vs: Sequence[Tensor]) -> Tensor:
     """⟨u, v⟩ of the concatenated vectors, as a 0-dim tensor."""
     return torch.stack([_dot(u, v) for u, v in zip(us, vs)]).sum()
 
 
 def _norm(us: Sequence[Tensor]) -> Tensor:
-    return _inner(us, us).sqrt()
+    return inner_product(us, us).sqrt()
 
 
 def _guarded_div(numerator: Tensor, denominator: Tensor) -> Tensor:
@@ -314,7 +317,7 @@ def _minres(
     for k in range(num_iters):
         av = tuple(matvec(tuple(v)))
         # Lanczos: β_{k+1}·v_{k+1} = A·v_k − α_k·v_k − β_k·v_{k−1}
-        alpha = _inner(v, av)
+        alpha = inner_product(v, av)
         y = [a - alpha * v_i - beta * o for a, v_i, o in zip(av, v, v_old)]
         beta_next = _norm(y)
         # Apply the previous Givens rotation to the new column (β_k, α_k, β_{k+1}) of T, then
@@ -400,7 +403,7 @@ def solve(
         residual = _norm(r)
     report = SolveReport(
         solver=solver, iterations=num_iters, matvecs=matvecs, rhs_norm=rhs_norm,
-        true_rel_residual=_guarded_div(residual, rhs_norm), x_norm=_norm(x), x_dot_rhs=_inner(x, b),
+        true_rel_residual=_guarded_div(residual, rhs_norm), x_norm=_norm(x), x_dot_rhs=inner_product(x, b),
         residual_norms=norms,
     )
     return x, report
@@ -411,42 +414,67 @@ def solve(
 # --------------------------------------------------------------------------------------------
 
 
-def _resolve_solver(solver: str | None, layerwise: bool | None) -> str:
-    """``solver=`` wins; the older ``layerwise=`` keyword maps to layerwise/global CG."""
-    if solver is None:
-        return "global" if layerwise is False else "layerwise"
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
-    if layerwise is not None and layerwise != (solver == "layerwise"):
-        raise ValueError(f"layerwise={layerwise} contradicts solver={solver!r}; pass only solver=")
-    return solver
-
-
-def implicit_solve(
-    lower_loss: Callable[[], Tensor] | None,
+def implicit_gradient(
     params: Sequence[Tensor],
     vectors: Sequence[Tensor],
+    *,
     lam: float,
     damping: float,
     cg_iters: int,
-    solver: str | None = None,
-    layerwise: bool | None = None,
-    reuse_graph: bool = True,
-    residual_norms: list | None = None,
+    solver: str = "layerwise",
+    lower_loss: Callable[[], Tensor] | None = None,
     hessian: HessianVectorOperator | None = None,
+    reuse_graph: bool = True,
     callback: Callable[[int, Vectors], None] | None = None,
 ) -> tuple[Vectors, SolveReport]:
-    """:func:`implicit_gradient` that also returns the :class:`SolveReport` of its x.
+    """x ≈ (I + H/(λ + δ))⁻¹·v, BiSSL's upper gradient through the lower solution, and its report.
 
-    hessian: a prebuilt :class:`HessianVectorOperator` on ``params`` (then ``lower_loss`` is
-    not called and may be None). BiSSL's trainer builds one per alternation and shares it
-    across the upper steps: θ_P does not change during them, so H does not either.
+    H = ∇²_θ L_P is the Hessian of ``lower_loss()`` (a scalar, the pretext loss on one batch)
+    with respect to ``params`` (the lower backbone's parameters θ_P); v = ∇_θ L_D(θ_P, φ) is
+    given in ``vectors`` (matching shapes). λ = ``lam`` is the proximity weight and
+    δ = ``damping`` the dampening; the system matrix A = I + H/(λ + δ) is applied as
+    A·p = p + (H·p)/(λ + δ), and ``cg_iters`` iterations of ``solver`` run from x = 0:
+    ``layerwise`` CG (the original's; default), ``global`` CG or ``minres`` (see :func:`solve`).
+    A is indefinite when H has eigenvalues below −(λ + δ) (measured on ResNet-18 at δ = 10);
+    only MINRES is guaranteed not to make the residual grow then. ``cg_iters = 0`` gives x = 0
+    without any Hessian-vector product (and without calling ``lower_loss``).
+
+    H comes from one of (neither is needed for ``cg_iters = 0``):
+
+    - ``lower_loss``: with ``reuse_graph=True`` its forward pass and first-order gradient graph
+      run once and serve every H·p (:class:`HessianVectorOperator`); False recomputes them for
+      each product (:func:`hessian_vector_product`, as the original code did); both give the
+      same x up to rounding;
+    - ``hessian``: a prebuilt :class:`HessianVectorOperator` on ``params``. BiSSL's trainer
+      builds one per alternation and shares it across the upper steps: θ_P does not change
+      during them, so H does not either.
+
+    ``callback(k, x_k)``, if given, sees every iterate (for benchmarks).
+
+    Distributed: when torch.distributed is initialised with world size W > 1, the right-hand
+    side (a copy; the caller's tensors are untouched) and every H·p are averaged over ranks,
+    so every rank solves the same system (the H of the mean of per-rank losses) and returns
+    the identical x. Each rank's ``lower_loss`` should use its own batch and must not go
+    through a DistributedDataParallel wrapper (call the wrapped ``.module``). The lower model
+    must be twice differentiable: plain BatchNorm is, SyncBatchNorm is not (its backward
+    kernels have no derivative formulas), so keep the lower backbone's BN per-rank.
+
+    This function knows nothing about modules: wrap the call in :func:`preserved_buffers` (or
+    build the operator under :func:`frozen_batch_norm_statistics`) so the forward passes it
+    runs leave BatchNorm running statistics unchanged.
+
+    Returns (x: detached tensors shaped like ``params``, the :class:`SolveReport` of x).
     """
-    solver = _resolve_solver(solver, layerwise)
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
     if lam + damping <= 0:
         raise ValueError(f"lam + damping must be > 0, got lam={lam}, damping={damping}")
     if cg_iters < 0:
         raise ValueError(f"cg_iters must be >= 0, got {cg_iters}")
+    if lower_loss is not None and hessian is not None:
+        raise ValueError("pass lower_loss= or a prebuilt hessian=, not both")
+    if lower_loss is None and hessian is None and cg_iters > 0:
+        raise ValueError("implicit_gradient needs lower_loss= or a prebuilt hessian= operator")
     params = tuple(params)
     rhs = tuple(v.detach().clone() for v in vectors)
     _check_vectors(params, rhs)
@@ -465,70 +493,15 @@ def implicit_solve(
         hvp = _no_products
     elif hessian is not None:
         hvp = hessian
-    elif lower_loss is None:
-        raise ValueError("implicit_solve needs lower_loss or a prebuilt hessian operator")
     elif reuse_graph:
         hvp = HessianVectorOperator(lower_loss, params)
     else:
         hvp = functools.partial(hessian_vector_product, lower_loss, params)
-    x, report = solve(matvec, rhs, cg_iters, solver, callback)
-    if residual_norms is not None:
-        residual_norms.extend(report.residual_norms)
-    return x, report
+    return solve(matvec, rhs, cg_iters, solver, callback)
 
 
 def _no_products(vectors: Sequence[Tensor]) -> Vectors:
     raise AssertionError("no Hessian-vector product is needed for zero solver iterations")
-
-
-def implicit_gradient(
-    lower_loss: Callable[[], Tensor] | None,
-    params: Sequence[Tensor],
-    vectors: Sequence[Tensor],
-    lam: float,
-    damping: float,
-    cg_iters: int,
-    layerwise: bool | None = None,
-    reuse_graph: bool = True,
-    residual_norms: list | None = None,
-    solver: str | None = None,
-    hessian: HessianVectorOperator | None = None,
-) -> Vectors:
-    """x ≈ (I + H/(λ + δ))⁻¹·v, BiSSL's upper gradient through the lower solution.
-
-    H = ∇²_θ L_P is the Hessian of ``lower_loss()`` (a scalar, the pretext loss on one batch)
-    with respect to ``params`` (the lower backbone's parameters θ_P); v = ∇_θ L_D(θ_P, φ) is
-    given in ``vectors`` (matching shapes). λ = ``lam`` is the proximity weight and
-    δ = ``damping`` the dampening; the system matrix A = I + H/(λ + δ) is applied as
-    A·p = p + (H·p)/(λ + δ), and ``cg_iters`` iterations of ``solver`` run from x = 0:
-    ``layerwise`` CG (the original's; default), ``global`` CG or ``minres`` (see :func:`solve`).
-    The older keyword ``layerwise=True/False`` still selects layerwise/global CG.
-    A is indefinite when H has eigenvalues below −(λ + δ) (measured on ResNet-18 at δ = 10);
-    only MINRES is guaranteed not to make the residual grow then. ``cg_iters = 0`` gives x = 0.
-
-    reuse_graph=True runs ``lower_loss()`` and its first-order gradient graph once and reuses
-    it for every H·p (:class:`HessianVectorOperator`); False recomputes them for each product
-    (:func:`hessian_vector_product`, as the original code did); both give the same x up to
-    rounding. ``hessian``: a prebuilt operator to use instead (see :func:`implicit_solve`).
-
-    Distributed: when torch.distributed is initialised with world size W > 1, the right-hand
-    side (a copy; the caller's tensors are untouched) and every H·p are averaged over ranks,
-    so every rank solves the same system (the H of the mean of per-rank losses) and returns
-    the identical x. Each rank's ``lower_loss`` should use its own batch and must not go
-    through a DistributedDataParallel wrapper (call the wrapped ``.module``). The lower model
-    must be twice differentiable: plain BatchNorm is, SyncBatchNorm is not (its backward
-    kernels have no derivative formulas), so keep the lower backbone's BN per-rank.
-
-    This function knows nothing about modules: wrap the call in :func:`preserved_buffers` (or
-    build the operator under :func:`frozen_batch_norm_statistics`) so the forward passes it
-    runs leave BatchNorm running statistics unchanged.
-
-    Returns detached tensors shaped like ``params``.
-    """
-    return implicit_solve(
-        lower_loss, params, vectors, lam, damping, cg_iters, solver=solver, layerwise=layerwise,
-        reuse_graph=reuse_graph, residual_norms=residual_norms, hessian=hessian,
-    )[0]
 
 
 # --------------------------------------------------------------------------------------------

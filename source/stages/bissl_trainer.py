@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,13 @@ import torch
 from torch import nn
 
 from source.data.stream import BatchStream
-from source.maths.bilevel import HessianVectorOperator, frozen_batch_norm_statistics, implicit_solve, preserved_buffers
+from source.maths.bilevel import (
+    HessianVectorOperator,
+    SolveReport,
+    frozen_batch_norm_statistics,
+    implicit_gradient,
+    preserved_buffers,
+)
 from source.run.distributed import all_reduce_buffers_, all_reduce_gradients_, all_reduce_mean_, get_rank
 from source.run.tracking import MetricsWriter
 from source.stages.engine import check_finite
@@ -181,7 +187,7 @@ class BisslTrainer:
     def hessian_operator(self, hessian_views: tuple[torch.Tensor, torch.Tensor]) -> HessianVectorOperator:
         """H·v on one pretext batch: its forward pass and first-order graph, built once.
 
-        H = ∇²_θP L_P on this rank's batch (``implicit_solve`` averages the products over ranks),
+        H = ∇²_θP L_P on this rank's batch (``implicit_gradient`` averages the products over ranks),
         in full precision since the double backward is sensitive to rounding. BatchNorm runs in
         train mode with batch statistics and its running statistics untouched
         (``frozen_batch_norm_statistics``), so the graph stays valid while other forward passes
@@ -205,43 +211,10 @@ class BisslTrainer:
         self.lower_model.train()
         self.upper_backbone.train()
         self.head.train()
-        num_backbone = len(self.lower_backbone_params)
-
-        # v = ∇_θP L_D(θ_P, φ) and ∇_φ L_D(θ_P, φ); the downstream batch must not leak into the
-        # lower backbone's BN statistics (frozen, rather than restored afterwards: a restoring
-        # write would invalidate a shared Hessian graph, whose BN layers are these).
-        with frozen_batch_norm_statistics(self.lower_model.backbone), self._autocast():
-            lower_logits = self.head(self.lower_model.backbone(images))
-            lower_downstream_loss = self.criterion(lower_logits.float(), targets)
-        grads = torch.autograd.grad(lower_downstream_loss, self.lower_backbone_params + self.head_params)
-        rhs, head_grad_via_lower = grads[:num_backbone], grads[num_backbone:]
-
-        with self._autocast():
-            upper_loss = self.criterion(self.head(self.upper_backbone(images)).float(), targets)
-        upper_value = all_reduce_mean_(upper_loss.detach().float().clone()).item()
-        check_finite(upper_value, f"at upper step {self.upper_step_count}")
-        plain = torch.autograd.grad(upper_loss, self.upper_backbone_params + self.head_params)
-
-        if hessian is None and self.settings.cg_iters > 0:
-            if hessian_views is None:
-                raise ValueError("upper_step needs hessian_views or a prebuilt hessian operator")
-            hessian = self.hessian_operator(hessian_views)
-        # x ≈ (I + H/(λ+δ))⁻¹·v with v averaged over ranks inside; x is identical on every rank.
-        implicit, report = implicit_solve(
-            None, self.lower_backbone_params, rhs, self.settings.lam, self.settings.cg_damping,
-            self.settings.cg_iters, solver=self.settings.cg_solver, hessian=hessian,
-        )
-
-        # θ_D: γ·∇θD L_D(θ_D, φ) + x;   φ: γ·∇φ L_D(θ_D, φ) + ∇φ L_D(θ_P, φ)
-        gamma = self.settings.upper_plain_grad_scale
-        for param, grad in zip(self.upper_backbone_params + self.head_params, plain):
-            param.grad = grad.detach().mul(gamma)
-        for param, grad in zip(self.head_params, head_grad_via_lower):
-            param.grad.add_(grad)
-        all_reduce_gradients_(self.upper_backbone_params + self.head_params)
-        for param, x in zip(self.upper_backbone_params, implicit):
-            param.grad.add_(x)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.upper_backbone_params + self.head_params, self.settings.grad_clip)
+        rhs, head_grad_via_lower, loss_through_lower = self._gradients_through_lower(images, targets)
+        plain, upper_value = self._plain_gradients(images, targets)
+        implicit, report = self._implicit_gradient(rhs, hessian_views, hessian)
+        grad_norm = self._set_upper_gradients(plain, head_grad_via_lower, implicit)
         metrics = report.metrics("cg/")
         # A diverged solve shows up here; it is reported, never clipped away or zeroed.
         check_finite(float(grad_norm), f"(upper gradient norm incl. the implicit gradient; {report.solver} true "
@@ -255,24 +228,75 @@ class BisslTrainer:
         self.upper_step_count += 1
         metrics.update({
             "upper/loss": upper_value,
-            "upper/loss_through_lower": all_reduce_mean_(lower_downstream_loss.detach().float().clone()).item(),
+            "upper/loss_through_lower": all_reduce_mean_(loss_through_lower.detach().float().clone()).item(),
             "upper/lr": lr, "upper/grad_norm": float(grad_norm),
             # ‖v − A·x‖ of the x applied (the solver's recurrence can differ from it: see SolveReport)
             "cg/residual_last": metrics["cg/true_rel_residual"] * metrics["cg/rhs_norm"],
         })
-        if metrics["cg/true_rel_residual"] > 1 and not self._warned_cg_growth and get_rank() == 0:
+        self._report_solve(report, metrics["cg/true_rel_residual"])
+        return metrics
+
+    def _gradients_through_lower(self, images: torch.Tensor, targets: torch.Tensor
+                                 ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor]:
+        """v = ∇_θP L_D(θ_P, φ), ∇_φ L_D(θ_P, φ) and L_D(θ_P, φ) itself on this rank's batch.
+
+        The downstream batch must not leak into the lower backbone's BN statistics (frozen, rather
+        than restored afterwards: a restoring write would invalidate a shared Hessian graph, whose
+        BN layers are these).
+        """
+        with frozen_batch_norm_statistics(self.lower_model.backbone), self._autocast():
+            lower_logits = self.head(self.lower_model.backbone(images))
+            loss = self.criterion(lower_logits.float(), targets)
+        grads = torch.autograd.grad(loss, self.lower_backbone_params + self.head_params)
+        num_backbone = len(self.lower_backbone_params)
+        return grads[:num_backbone], grads[num_backbone:], loss
+
+    def _plain_gradients(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], float]:
+        """∇_(θD, φ) L_D(θ_D, φ) on this rank's batch, and L_D averaged over ranks (checked finite)."""
+        with self._autocast():
+            upper_loss = self.criterion(self.head(self.upper_backbone(images)).float(), targets)
+        upper_value = all_reduce_mean_(upper_loss.detach().float().clone()).item()
+        check_finite(upper_value, f"at upper step {self.upper_step_count}")
+        return torch.autograd.grad(upper_loss, self.upper_backbone_params + self.head_params), upper_value
+
+    def _implicit_gradient(self, rhs: Sequence[torch.Tensor], hessian_views: tuple[torch.Tensor, torch.Tensor] | None,
+                           hessian: HessianVectorOperator | None) -> tuple[tuple[torch.Tensor, ...], SolveReport]:
+        """x ≈ (I + H/(λ+δ))⁻¹·v with v averaged over ranks inside; x is identical on every rank."""
+        if hessian is None and self.settings.cg_iters > 0:
+            if hessian_views is None:
+                raise ValueError("upper_step needs hessian_views or a prebuilt hessian operator")
+            hessian = self.hessian_operator(hessian_views)
+        return implicit_gradient(self.lower_backbone_params, rhs, hessian=hessian, lam=self.settings.lam,
+                                 damping=self.settings.cg_damping, cg_iters=self.settings.cg_iters,
+                                 solver=self.settings.cg_solver)
+
+    def _set_upper_gradients(self, plain: Sequence[torch.Tensor], head_grad_via_lower: Sequence[torch.Tensor],
+                             implicit: Sequence[torch.Tensor]) -> torch.Tensor:
+        """θ_D: γ·∇θD L_D(θ_D, φ) + x;  φ: γ·∇φ L_D(θ_D, φ) + ∇φ L_D(θ_P, φ); clipped. Returns the norm."""
+        gamma = self.settings.upper_plain_grad_scale
+        for param, grad in zip(self.upper_backbone_params + self.head_params, plain):
+            param.grad = grad.detach().mul(gamma)
+        for param, grad in zip(self.head_params, head_grad_via_lower):
+            param.grad.add_(grad)
+        all_reduce_gradients_(self.upper_backbone_params + self.head_params)
+        for param, x in zip(self.upper_backbone_params, implicit):
+            param.grad.add_(x)
+        return torch.nn.utils.clip_grad_norm_(self.upper_backbone_params + self.head_params, self.settings.grad_clip)
+
+    def _report_solve(self, report: SolveReport, true_rel_residual: float) -> None:
+        """Warn (once per run) when the solve made things worse than x = 0; log residuals with cg_verbose."""
+        if true_rel_residual > 1 and not self._warned_cg_growth and get_rank() == 0:
             self._warned_cg_growth = True  # once per run: the metrics file has every value
             logger.warning(
                 "upper step %d: the %s solve is worse than no solve (x = 0): true relative residual "
                 "||v - Ax||/||v|| = %.3g > 1 for A = I + H/(lam + delta). A is probably indefinite at this delta: "
                 "measure it with `python -m source.tools.curvature`, then use --cg-solver minres and/or a larger "
                 "--cg-lam-dampening. Every step's value is in the metrics (cg/true_rel_residual).",
-                self.upper_step_count, report.solver, metrics["cg/true_rel_residual"])
+                self.upper_step_count, report.solver, true_rel_residual)
         if self.settings.cg_verbose:
             logger.info("upper step %d: %s residual norms (recurrence) %s; true relative residual %.3e",
                         self.upper_step_count, report.solver,
-                        ", ".join(f"{float(r):.3e}" for r in report.residual_norms), metrics["cg/true_rel_residual"])
-        return metrics
+                        ", ".join(f"{float(r):.3e}" for r in report.residual_norms), true_rel_residual)
 
     # ---------------------------------------------------------------------------------------
     def alternation(self, lower_stream: BatchStream, upper_stream: BatchStream) -> dict[str, float]:

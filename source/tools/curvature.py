@@ -28,158 +28,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-from torch import Tensor, nn
-
-from source.maths.bilevel import HessianVectorOperator, MatVec, frozen_batch_norm_statistics
-from source.run.distributed import all_reduce_mean_tensors_
+import config_default as cfg
+from source.data import build_pretext_dataset, pretext_transform, subsample
+from source.data.stream import BatchStream
+from source.maths.curvature import CurvatureReport, probe_lower_model
+from source.run import checkpoint as ckpt
+from source.run.cli import build_parser
+from source.run.runtime import start
+from source.stages.bissl_run import load_lower_model
 
 logger = logging.getLogger(__name__)
-
-
-def _inner(us: Sequence[Tensor], vs: Sequence[Tensor]) -> Tensor:
-    return torch.stack([torch.dot(u.reshape(-1), v.reshape(-1)) for u, v in zip(us, vs)]).sum()
-
-
-def lanczos(matvec: MatVec, start: Sequence[Tensor], num_iters: int) -> tuple[Tensor, Tensor]:
-    """k = ``num_iters`` steps of Lanczos on symmetric H (given by ``matvec``), fully reorthogonalised.
-
-    From q₁ = start/‖start‖: β_{j+1}·q_{j+1} = H·q_j − α_j·q_j − β_j·q_{j−1}, α_j = q_jᵀ·H·q_j,
-    then Gram–Schmidt against every earlier q (without it, rounding makes copies of converged
-    Ritz values appear, which would inflate the count of negative ones). Stops early when the
-    Krylov space is invariant (β = 0: the Ritz values are then exact eigenvalues).
-
-    Returns (α: (m,), β: (m−1,)) in float64 on the CPU, m ≤ k: the tridiagonal T_m = QᵀHQ.
-    One product with H per step.
-    """
-    if num_iters < 1:
-        raise ValueError(f"num_iters must be >= 1, got {num_iters}")
-    norm = _inner(start, start).sqrt()
-    if not torch.isfinite(norm) or norm == 0:
-        raise ValueError(f"the start vector must be finite and nonzero, its norm is {float(norm)}")
-    basis = [tuple(t / norm for t in start)]
-    alphas: list[float] = []
-    betas: list[float] = []
-    for j in range(num_iters):
-        q = basis[-1]
-        w = [t.clone() for t in matvec(q)]
-        alpha = _inner(q, w)
-        alphas.append(float(alpha))
-        for _ in range(2):  # "twice is enough" (Kahan/Parlett) for orthogonality to rounding level
-            for basis_vector in basis:
-                coefficient = _inner(basis_vector, w)
-                for w_i, b_i in zip(w, basis_vector):
-                    w_i.sub_(coefficient * b_i)
-        beta = _inner(w, w).sqrt()
-        if not torch.isfinite(beta) or not torch.isfinite(alpha):
-            raise FloatingPointError(f"non-finite Hessian-vector product at Lanczos step {j + 1}")
-        if j + 1 == num_iters or float(beta) <= 1e-10 * max(abs(a) for a in alphas + [1e-30]):
-            break
-        betas.append(float(beta))
-        basis.append(tuple(t / beta for t in w))
-    return torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas, dtype=torch.float64)
-
-
-def ritz_values(alphas: Tensor, betas: Tensor) -> Tensor:
-    """Eigenvalues (ascending) of the symmetric tridiagonal matrix with diagonal α, off-diagonal β."""
-    tridiagonal = torch.diag(alphas) + torch.diag(betas, 1) + torch.diag(betas, -1)
-    return torch.linalg.eigvalsh(tridiagonal)
-
-
-@dataclass
-class CurvatureReport:
-    """What the Ritz values of H say about A = I + H/(λ + δ) at the given λ + δ."""
-
-    ritz: list[float]
-    lam_plus_delta: float
-
-    @property
-    def min(self) -> float:
-        return self.ritz[0]
-
-    @property
-    def max(self) -> float:
-        return self.ritz[-1]
-
-    @property
-    def num_negative(self) -> int:
-        """Negative Ritz values of H (directions of negative curvature found)."""
-        return sum(value < 0 for value in self.ritz)
-
-    @property
-    def num_indefinite(self) -> int:
-        """Ritz values below −(λ + δ): negative eigenvalues of A found at this δ."""
-        return sum(value < -self.lam_plus_delta for value in self.ritz)
-
-    @property
-    def min_lam_plus_delta(self) -> float:
-        """Smallest λ + δ with A positive definite on the Ritz values (a lower bound for H's)."""
-        return max(0.0, -self.min)
-
-    @property
-    def a_min(self) -> float:
-        """Smallest Ritz value of A at this λ + δ (≤ 0: A is indefinite or singular)."""
-        return 1.0 + self.min / self.lam_plus_delta
-
-    def metrics(self, prefix: str = "curvature/") -> dict[str, float]:
-        return {f"{prefix}ritz_min": self.min, f"{prefix}ritz_max": self.max,
-                f"{prefix}num_negative": float(self.num_negative), f"{prefix}num_below_minus_lam_delta": float(self.num_indefinite),
-                f"{prefix}min_lam_plus_delta": self.min_lam_plus_delta, f"{prefix}a_min": self.a_min}
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), **self.metrics(prefix="")}
-
-
-def probe_hessian(hessian: HessianVectorOperator, num_iters: int, lam_plus_delta: float, seed: int = 0) -> CurvatureReport:
-    """Lanczos on the operator's H (averaged over ranks when distributed) from a seeded random start.
-
-    The start vector comes from a private generator (the same on every rank, so every rank runs
-    the identical process) and leaves the global RNG untouched.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    start = [torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p) for p in hessian.params]
-
-    def matvec(vectors: Sequence[Tensor]) -> tuple[Tensor, ...]:
-        products = hessian(vectors)
-        all_reduce_mean_tensors_(products)
-        return products
-
-    alphas, betas = lanczos(matvec, start, num_iters)
-    return CurvatureReport(ritz=ritz_values(alphas, betas).tolist(), lam_plus_delta=lam_plus_delta)
-
-
-def probe_lower_model(lower_model: nn.Module, views: tuple[Tensor, Tensor], num_iters: int, lam_plus_delta: float,
-                      seed: int = 0) -> CurvatureReport:
-    """Probe H = ∇²_θP L_P on one pretext batch (``views``: two (B, 3, S, S) tensors on the model's device).
-
-    As in BiSSL's upper steps: the pretext loss of this rank's batch in full precision,
-    w.r.t. the backbone's parameters, BatchNorm in train mode with its running statistics
-    untouched. Nothing in the model changes.
-    """
-    lower_model.train()
-    params = [p for p in lower_model.backbone.parameters()]
-    with frozen_batch_norm_statistics(lower_model):
-        hessian = HessianVectorOperator(lambda: lower_model(*views, gather_across_ranks=False), params)
-    return probe_hessian(hessian, num_iters, lam_plus_delta, seed)
-
-
-def probe_next_batch(lower_model: nn.Module, stream: Iterator, num_iters: int, lam_plus_delta: float,
-                     device: torch.device, seed: int = 0) -> CurvatureReport:
-    """``bissl.py --curvature-every``: probe on the next batch of a stream of its own, leaving training as it was.
-
-    The batch comes from a separate stream whose augmentations are seeded per sample
-    (``source.data.loader``) and the Lanczos start vector from a private generator, so the probe
-    draws nothing from the global RNG: a run with the probe sees the same batches, augmentations
-    and models as one without it. (It must not fork or restore the global RNG either: the
-    streams' loading threads reseed it concurrently.)
-    """
-    (view1, view2), _ = next(stream)
-    views = (view1.to(device, non_blocking=True), view2.to(device, non_blocking=True))
-    return probe_lower_model(lower_model, views, num_iters, lam_plus_delta, seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,10 +49,8 @@ def probe_next_batch(lower_model: nn.Module, stream: Iterator, num_iters: int, l
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    import bissl  # the script's parser and weight loading, so the flags mean exactly what they mean there
-
-    parser = bissl.get_args_parser()
-    parser.description = __doc__
+    # bissl.py's flag groups, so the model and data flags mean exactly what they mean there.
+    parser = build_parser(__doc__, [(cfg.GeneralConfig, "general"), (cfg.BisslConfig, "BiSSL")])
     group = parser.add_argument_group("curvature probe")
     group.add_argument("--probe-batches", type=int, default=3, help="pretext batches to probe, one Lanczos run each")
     group.add_argument("--probe-checkpoint", default="",
@@ -225,16 +84,10 @@ def plot_ritz_values(reports: Sequence[CurvatureReport], path: Path, title: str)
 
 
 def main(args: argparse.Namespace) -> list[CurvatureReport]:
-    import bissl
-    from source.data import build_pretext_dataset, pretext_transform, subsample
-    from source.data.stream import BatchStream
-    from source.run import checkpoint as ckpt
-    from source.run.runtime import start
-
     env = start(args)
     if env.world_size > 1:
         raise ValueError("the curvature probe runs in one process; start it with python, not torchrun")
-    model = bissl.load_lower_model(args)
+    model = load_lower_model(args)
     if args.probe_checkpoint:
         state = ckpt.load_checkpoint(Path(args.probe_checkpoint), ("trainer",))
         model.load_state_dict(state["trainer"]["lower_model"])
