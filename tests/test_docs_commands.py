@@ -10,10 +10,12 @@ this test instead of the reader.
 
 Conventions the documents follow so their commands can be checked: a placeholder is written
 ``<...>`` and stands for a value (parsed as ``1``); a lone ``...`` means "further arguments" and
-is dropped. Commands that are not BiSSL's (``pip``, ``make``, ``python -m pytest``) are skipped.
+is dropped. Commands that are not BiSSL's (``pip``, ``make``, ``python -m pytest``: a module
+outside the repository's own packages) are skipped.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import io
@@ -38,8 +40,6 @@ ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 PLACEHOLDER = re.compile(r"<[^<>\n]*>")
 INLINE_CODE = re.compile(r"`([^`]+)`")
 SEPARATORS = {"&&", "||", ";", "|"}
-# Modules run with `python -m` that are not this project's entry points.
-FOREIGN_MODULES = ("pytest", "pip", "venv", "ruff")
 
 
 @dataclass(frozen=True)
@@ -135,12 +135,23 @@ def load_parser(kind: str, name: str):
     return module.get_args_parser
 
 
+def no_abbreviations(parser: argparse.ArgumentParser) -> None:
+    """Make ``parser`` (and its sub-command parsers) refuse abbreviated flags: the documents must
+    spell each flag in full, so that ``--cg-iter`` cannot keep passing as a prefix of a renamed flag."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                no_abbreviations(sub)
+
+
 def parse(parser, argv: list[str], what: str) -> None:
     """Run ``argv`` through ``parser``; an argparse error becomes an AssertionError with its message.
     A command without arguments names its tool in prose (`python -m source.tools.compare`):
     that the tool exists and has a parser is all there is to check."""
     if not argv:
         return
+    no_abbreviations(parser)
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
@@ -172,7 +183,7 @@ def _check(tokens: list[str], what: str) -> str | None:
             module, argv = rest[1], rest[2:]
             if module == "torch.distributed.run":
                 tokens = ["torchrun", *argv]
-            elif module.split(".")[0] in FOREIGN_MODULES or not module.startswith("source."):
+            elif not (ROOT / module.split(".")[0]).is_dir():  # pytest, pip: not this project's
                 return None
             else:
                 parse(load_parser("module", module)(), argv, what)
@@ -261,6 +272,8 @@ def test_extraction_of_a_sample() -> None:
     ("python fine-tuning.py --use-hpo maybe", "--use-hpo"),
     ("python -m source.tools.compare run_a --no-such-flag", "unrecognized arguments"),
     ("python -m source.tools.nothing", "does not exist"),
+    ("python -m tests.fault_table --kill 3", "unrecognized arguments: --kill"),
+    ("python -m source.tools.weights convert a b --cifar 1", "unrecognized arguments: --cifar"),
     ("torchrun --no-such-launcher-option 4 bissl.py", "torchrun refuses"),
     ("python no-such-script.py --epochs 1", "does not exist"),
 ])
