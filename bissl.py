@@ -23,6 +23,7 @@ import config_default as cfg
 from source.run import checkpoint as ckpt
 from source.run.cli import build_parser
 from source.run.distributed import barrier, cleanup_distributed
+from source.run.errors import ConfigError, run_entry_point
 from source.run.runtime import amp_dtype, open_run_dir, run_directory, start
 from source.run.tracking import MetricsWriter
 from source.stages.bissl_run import (
@@ -51,7 +52,7 @@ def main(args: argparse.Namespace) -> None:
     run_lock = open_run_dir(args, env, run_dir, output_prefixes=[names[key] for key in OUTPUT_FILES])
     dtype = amp_dtype(args.amp, env.device)
     if dtype == torch.float16:
-        raise ValueError("bissl.py supports --amp bf16 or none (fp16 loss scaling does not fit the implicit gradient)")
+        raise ConfigError("bissl.py supports --amp bf16 or none (fp16 loss scaling does not fit the implicit gradient)")
 
     data = build_data(args, env)
     trainer = build_trainer(args, env, data, dtype)
@@ -86,4 +87,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_entry_point(main, get_args_parser())

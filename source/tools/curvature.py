@@ -37,6 +37,7 @@ from source.data.stream import BatchStream
 from source.maths.curvature import CurvatureReport, probe_lower_model
 from source.run import checkpoint as ckpt
 from source.run.cli import build_parser
+from source.run.errors import ConfigError, run_entry_point
 from source.run.runtime import start
 from source.stages.bissl_run import load_lower_model
 
@@ -86,7 +87,7 @@ def plot_ritz_values(reports: Sequence[CurvatureReport], path: Path, title: str)
 def main(args: argparse.Namespace) -> list[CurvatureReport]:
     env = start(args)
     if env.world_size > 1:
-        raise ValueError("the curvature probe runs in one process; start it with python, not torchrun")
+        raise ConfigError("the curvature probe runs in one process; start it with python, not torchrun")
     model = load_lower_model(args)
     if args.probe_checkpoint:
         state = ckpt.load_checkpoint(Path(args.probe_checkpoint), ("trainer",))
@@ -127,4 +128,4 @@ def main(args: argparse.Namespace) -> list[CurvatureReport]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_entry_point(main, get_args_parser())
