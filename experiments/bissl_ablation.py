@@ -31,7 +31,7 @@ pre-trained weights); ``--scale paper`` uses the scripts' defaults (the paper's)
 pre-trained weights in ``--model-dir``. ``--pretrain-args``/``--bissl-args``/``--finetune-args`` are
 appended to the pre-training, BiSSL and fine-tuning command lines of every variant (a flag given twice: the last one counts).
 All variants are fine-tuned at the same (lr, wd), chosen by you; the paper's protocol tunes them
-per backbone (see the README, "Did BiSSL help?").
+per backbone (README.md, "Comparing backbones"; docs/evidence.md).
 """
 from __future__ import annotations
 

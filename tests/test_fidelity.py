@@ -1,5 +1,5 @@
-"""Where this project follows or deliberately leaves the original code (README: "Differences from
-the original code"): the head warmup's BatchNorm mode, and the switches that restore the
+"""Where this project follows or deliberately leaves the original code (docs/differences.md):
+the head warmup's BatchNorm mode, and the switches that restore the
 original's crop, initialisation, multi-label loss and upper-step count."""
 import copy
 
