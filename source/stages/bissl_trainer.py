@@ -286,12 +286,13 @@ class BisslTrainer:
     def _report_solve(self, report: SolveReport, true_rel_residual: float) -> None:
         """Warn (once per run) when the solve made things worse than x = 0; log residuals with cg_verbose."""
         if true_rel_residual > 1 and not self._warned_cg_growth and get_rank() == 0:
-            self._warned_cg_growth = True  # once per run: the metrics file has every value
+            self._warned_cg_growth = True  # once per run: the metrics file follows it per alternation
             logger.warning(
                 "upper step %d: the %s solve is worse than no solve (x = 0): true relative residual "
                 "||v - Ax||/||v|| = %.3g > 1 for A = I + H/(lam + delta). A is probably indefinite at this delta: "
                 "measure it with `python -m source.tools.curvature`, then use --cg-solver minres and/or a larger "
-                "--cg-lam-dampening. Every step's value is in the metrics (cg/true_rel_residual).",
+                "--cg-lam-dampening. This warning is shown once; the metrics hold cg/true_rel_residual "
+                "averaged over each alternation's upper steps.",
                 self.upper_step_count, report.solver, true_rel_residual)
         if self.settings.cg_verbose:
             logger.info("upper step %d: %s residual norms (recurrence) %s; true relative residual %.3e",
