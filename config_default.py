@@ -43,7 +43,8 @@ class GeneralConfig:
     channels_last: str = opt("auto", "Memory format of the backbones and their inputs: 1 = channels_last (NHWC, faster "
                              "convolutions on GPUs), 0 = contiguous NCHW; auto = 1 on CUDA, 0 on CPU (no gain measured there).",
                              ("auto", "0", "1"))
-    world_size: int = opt(-1, "Informational: torchrun/Slurm set the real world size via the environment.", at_least=-1)
+    world_size: int = opt(-1, "Expected number of processes (-1 = any): torchrun/Slurm set the real one via the environment; "
+                              "a run started with another number stops with an error.", at_least=-1)
     dist_url: str = opt("env://", "Rendezvous for torch.distributed (env:// under torchrun; tcp://host:port under Slurm).")
     omp_num_threads: int = opt(0, "Threads per process for CPU ops (0 = leave PyTorch's/torchrun's choice).")
     seed: int = opt(0, "Base seed; each rank uses seed + rank for random, numpy and torch.")

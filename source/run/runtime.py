@@ -31,12 +31,16 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def start(args: argparse.Namespace) -> DistEnv:
-    """Set threads, join the process group (if launched by torchrun/Slurm), set up rank-0
+    """Set threads, join the process group (if launched by torchrun/Slurm; ``--world-size`` other
+    than -1 must match it), set up rank-0
     logging, resolve ``--num-workers -1`` (auto) and seed ``random``/numpy/torch with
     ``args.seed + rank``."""
     if args.omp_num_threads > 0:
         torch.set_num_threads(args.omp_num_threads)
     env = init_distributed(args.device, args.dist_url)
+    if args.world_size not in (-1, env.world_size):
+        raise ConfigError(f"--world-size {args.world_size}, but {env.world_size} process(es) were started "
+                          "(torchrun --nproc-per-node x --nnodes); pass --world-size -1 to accept any")
     setup_logging(env.is_main)
     args.num_workers = resolve_num_workers(args.num_workers, env.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     seed_everything(args.seed, env.rank)
