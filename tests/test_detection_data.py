@@ -226,3 +226,21 @@ def test_missing_test_split_names_the_test_tar(generated, tmp_path):
 def test_unknown_dataset_name():
     with pytest.raises(ValueError, match="voc0712det"):
         build_detection_splits("coco", Path("."))
+
+
+def test_download_fetches_each_voc_tar_once(monkeypatch, tmp_path):
+    calls = []
+
+    class RecordingVOC:
+        def __init__(self, root, year, image_set, download):
+            calls.append((year, image_set, download))
+            self.images, self.annotations = [], []
+
+        def __len__(self):
+            return 0
+
+    monkeypatch.setattr("source.data.detection.VOCDetection", RecordingVOC)
+    build_detection_splits("voc0712det", tmp_path, download=True)
+    fetched = [(year, image_set) for year, image_set, download in calls if download]
+    assert fetched == [("2007", "train"), ("2012", "train"), ("2007", "test")]  # 2007 trainval, 2012 trainval, 2007 test
+    assert len(calls) == 5

@@ -223,8 +223,18 @@ def build_detection_splits(
     flip = RandomHorizontalFlip(flip_probability) if flip_probability > 0 else None
     classes = DETECTION_CLASSES[name]
 
+    fetched: set[str] = set()
+
+    def fetch_once(year: str, image_set: str) -> bool:
+        # One tar per key (2007 trainval, 2007 test, 2012 trainval): download and extract it once, not once per split.
+        key = "2007-test" if (year, image_set) == ("2007", "test") else year
+        first = download and key not in fetched
+        fetched.add(key)
+        return first
+
     def load(split: str, transforms: Any) -> Dataset:
-        return _concat([VocDetectionDataset(root, year, image_set, classes, transforms, download) for year, image_set in parts[split]])
+        return _concat([VocDetectionDataset(root, year, image_set, classes, transforms, fetch_once(year, image_set))
+                        for year, image_set in parts[split]])
 
     return DetectionSplits(train=load("train", flip), val=load("val", None), test=load("test", None), classes=classes)
 
