@@ -41,7 +41,8 @@ from source.stages.bissl_run import (
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    return build_parser(__doc__, [(cfg.GeneralConfig, "general"), (cfg.BisslConfig, "BiSSL")])
+    # Metrics are written once per alternation, so --log-every (a step count) is not offered.
+    return build_parser(__doc__, [(cfg.GeneralConfig, "general"), (cfg.BisslConfig, "BiSSL")], exclude=("log_every",))
 
 
 def main(args: argparse.Namespace) -> None:
