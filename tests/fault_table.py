@@ -1,6 +1,10 @@
 """Fault table: run the three entry scripts under the faults users meet and print pass/fail.
 
-    python bench/fault_table.py [--kills 3] [--seed 0] [--out bench/fault_table.md]
+    python -m tests.fault_table [--kills 3] [--seed 0] [--out bench/results/fault_table.md]
+
+One invocation produces the whole table (every stage and the bad-input rows; ``--stages`` picks a
+subset for a quick look) and writes it with what it was measured on: date, commit, load average,
+CPU count and the command line.
 
 Each stage (pre-training, BiSSL, fine-tuning) first runs uninterrupted on tiny generated data
 (ResNet-18, 16 px, CPU) as the reference; then every fault is applied to a fresh copy and the
@@ -12,11 +16,16 @@ run directory, read-only --model-dir, NaN or exploding weights, --epochs 0, wand
 every trial failing) must fail with a message that names the problem and lose nothing saved.
 The real full disk and read-only folder use a private mount namespace (``unshare -rm``) and are
 skipped where that is not allowed. Runtime on 2 idle cores: about 10-15 minutes.
+
+Not a pytest test module (its name does not start with ``test_``): it runs for minutes and its
+kill moments are random, so it is a harness to run by hand, from the repository root.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import random
 import shlex
 import shutil
@@ -27,14 +36,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from source.maths.models import Projector, build_backbone  # noqa: E402
-from source.run.checkpoint import save_atomic  # noqa: E402
-from tests.script_helpers import command, descendants, kill_tree, make_image_folder, script_env  # noqa: E402
+from source.maths.models import Projector, build_backbone
+from source.run.checkpoint import save_atomic
+from tests.script_helpers import ROOT, command, descendants, kill_tree, make_image_folder, script_env
 
 TAG = "simclr_arch-resnet18"
 BISSL_TAG = f"{TAG}_dset-imagefolder"
@@ -205,15 +211,48 @@ def bad_input(table: Table, base: Path, seeds: Path, pre: Stage, finetune: Stage
 
 
 
-def main() -> None:
+STAGES = ("pre-training", "BiSSL", "fine-tuning", "bad-input")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kills", type=int, default=3, help="random kill -9 moments per stage (one process)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "fault_table.md")
+    parser.add_argument("--kills", type=int, default=3, help="random kill -9 moments per stage (one process) (default: 3)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the kill moments (default: 0)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fault_table.md",
+                        help="the table's file (default: bench/results/fault_table.md)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
-    parser.add_argument("--stages", default="pre-training,BiSSL,fine-tuning,bad-input",
-                        help="comma-separated subset of pre-training, BiSSL, fine-tuning, bad-input")
-    options = parser.parse_args()
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma-separated subset of {', '.join(STAGES)} (default: all, the whole table)")
+    return parser
+
+
+def commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                               text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
+
+
+def header(options: argparse.Namespace, load_before: tuple[float, float, float]) -> str:
+    """What the table was measured on, so that it can be read (and rerun) later."""
+    selected = options.stages.split(",")
+    scope = "the whole table" if set(selected) >= set(STAGES) else f"stages {', '.join(selected)} only"
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"# Fault table (tests/fault_table.py)\n\n"
+            f"    python -m tests.fault_table {shlex.join(sys.argv[1:])}\n\n"
+            f"One invocation, {scope}: {when}, commit {commit()}, {os.cpu_count()} CPU cores, CPU, ResNet-18 at 16 px; "
+            f"load average {' / '.join(f'{x:.2f}' for x in load_before)} before and "
+            f"{' / '.join(f'{x:.2f}' for x in os.getloadavg())} after (1 / 5 / 15 min).\n\n")
+
+
+def main(options: argparse.Namespace) -> int:
+    load_before = os.getloadavg()
+    unknown = set(options.stages.split(",")) - set(STAGES)
+    if unknown:
+        raise SystemExit(f"--stages: unknown {sorted(unknown)}; choose from {', '.join(STAGES)}")
     rng = random.Random(options.seed)
     base = Path(tempfile.mkdtemp(prefix="bissl-faults-"))
     images = make_image_folder(base / "images", classes=2, per_class=16, size=16)
@@ -322,11 +361,13 @@ def main() -> None:
 
     text = table.markdown() + f"\nwall time {time.monotonic() - started:.0f} s, kill moments seeded with --seed {options.seed}\n"
     print("\n" + text)
-    options.out.write_text("# Fault table (bench/fault_table.py)\n\n" + text)
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    options.out.write_text(header(options, load_before) + text)
+    print(f"written to {options.out}")
     if not options.keep:
         shutil.rmtree(base, ignore_errors=True)
-    sys.exit(0 if all(ok for *_, ok, _ in table.rows) else 1)
+    return 0 if all(ok for *_, ok, _ in table.rows) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(get_args_parser().parse_args()))
