@@ -94,6 +94,44 @@ class SeededSampler(Sampler):
         return len(self.sampler)
 
 
+# The "index" whose sample_seed orders an epoch: beyond any dataset's indices, so the shuffle's
+# generator is unrelated to every sample's.
+SHUFFLE_INDEX = 1 << 63
+
+
+class SeededEpochs(Sampler):
+    """Yields ``(index, sample_seed(seed, epoch, index))`` over a shuffled ``range(num_items)``, and
+    counts the epochs itself: each pass over it is the next epoch (``set_epoch`` moves the count).
+
+    Epoch ``e``'s order is ``torch.randperm`` seeded by ``sample_seed(seed, e, SHUFFLE_INDEX)``, so
+    the order and every sample's augmentation are pure functions of ``(seed, e)``: a training run
+    that iterates its loader once per epoch (``fine_tune``) repeats with any ``--num-workers``, and a
+    run restarted at epoch e gives the same batches after ``set_epoch(e)``. The count advances when
+    a pass starts (``__iter__`` is a generator: a DataLoader making an iterator it never reads
+    counts nothing).
+    """
+
+    def __init__(self, num_items: int, seed: int, shuffle: bool = True) -> None:
+        self.num_items, self.seed, self.shuffle, self.epoch = num_items, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        self.epoch += 1
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, SHUFFLE_INDEX))
+            order = torch.randperm(self.num_items, generator=generator).tolist()
+        else:
+            order = range(self.num_items)
+        for index in order:
+            yield index, sample_seed(self.seed, epoch, index)
+
+    def __len__(self) -> int:
+        return self.num_items
+
+
 # Serialises reseed-and-augment across the prefetch threads of one process: bissl.py runs two
 # streams (lower, upper; three with --curvature-every) whose threads would otherwise reseed the
 # one global generator between each other's draws and make views depend on thread timing.
@@ -286,6 +324,19 @@ def build_loader(
     ``loader.loader.sampler`` to call ``set_epoch``; :func:`loader_sampler` does that).
     """
     loader = seeded_dataloader(dataset, batch_size, SeededSampler(sampler, seed), generator_seed=seed,
+                               num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
+                               nice_workers=nice_workers, drop_last=drop_last)
+    return loader if num_workers > 0 else PrefetchedLoader(loader, prefetch_factor)
+
+
+def epoch_loader(
+    dataset: Dataset, batch_size: int, *, seed: int, num_workers: int, pin_memory: bool, prefetch_factor: int,
+    drop_last: bool = True, nice_workers: bool = False,
+) -> DataLoader | PrefetchedLoader:
+    """A shuffled training loader whose passes are successive epochs (:class:`SeededEpochs`):
+    order and augmentations are functions of ``(seed, epoch, index)`` alone (fine-tuning trials).
+    With ``num_workers == 0`` each pass loads ``prefetch_factor`` batches ahead in a background thread."""
+    loader = seeded_dataloader(dataset, batch_size, SeededEpochs(len(dataset), seed), generator_seed=seed,
                                num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
                                nice_workers=nice_workers, drop_last=drop_last)
     return loader if num_workers > 0 else PrefetchedLoader(loader, prefetch_factor)

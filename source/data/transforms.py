@@ -367,3 +367,96 @@ def downstream_test_transform(img_size: int) -> T.Compose:
     return T.Compose(
         [ToRGB(), T.Resize(int(img_size / CENTER_CROP_FRACTION)), T.CenterCrop(img_size)] + _normalize()
     )
+
+
+# Uniforms one downstream view draws, in this order: the crop's tries and position, flip.
+DOWNSTREAM_UNIFORMS = _FLIP + 1
+
+
+@dataclass(frozen=True)
+class DownstreamParams:
+    """The random choices of one downstream training view, as :meth:`DownstreamView.draw` makes them."""
+
+    box: tuple[int, int, int, int]  # the crop in the SOURCE image: (top, left, height, width)
+    flip: bool
+
+
+class DownstreamView:
+    """The downstream training augmentation fused like :class:`PretextView`: random resized crop,
+    horizontal flip (p ``flip_p``), normalisation -> float tensor ``(3, img_size, img_size)``.
+
+    The same distribution of choices and the same pixels as :func:`downstream_train_transform`
+    (``RandomResizedCrop, RandomHorizontalFlip, ToTensor, Normalize`` on PIL images) for the same
+    choices; the tests compare both bit for bit. :meth:`draw` takes all of a sample's random
+    numbers from torch's generator in one call (so ``torch.manual_seed``, or
+    ``source.data.loader``'s per-sample seeds, make it repeatable).
+
+    It also works on uint8 arrays ``(H, W, 3)`` (:meth:`from_array`), the images of a decoded-image
+    cache (``source.data.decoded_cache``), which may be a downscaled copy of a ``source_size``
+    original: the crop box is then drawn in the original's pixel grid, exactly as on the original
+    (same choices, same distribution), and resampled from the copy's corresponding fractional box.
+    Without downscaling (the copy is the original) the pixels are those of the original, bit for bit.
+    """
+
+    def __init__(self, img_size: int, scale: tuple[float, float], ratio: tuple[float, float], *,
+                 interpolation: Image.Resampling = Image.Resampling.BILINEAR, flip_p: float = HFLIP_P,
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> None:
+        _check_sizes(img_size)
+        if not (0.0 < scale[0] <= scale[1] and 0.0 < ratio[0] <= ratio[1]):
+            raise ValueError(f"scale and ratio must be ranges 0 < min <= max, got {scale!r} and {ratio!r}")
+        if not 0.0 <= flip_p <= 1.0:
+            raise ValueError(f"flip_p must be a probability in [0, 1], got {flip_p!r}")
+        self.img_size, self.flip_p, self.interpolation = img_size, flip_p, Image.Resampling(interpolation)
+        self.scale, self.ratio = (float(scale[0]), float(scale[1])), (float(ratio[0]), float(ratio[1]))
+        self.normalize = ToNormalizedTensor(mean, std)
+
+    def draw(self, width: int, height: int) -> DownstreamParams:
+        """The random choices for a ``width`` x ``height`` source image (one torch draw)."""
+        u = torch.rand(DOWNSTREAM_UNIFORMS, dtype=torch.float64).tolist()
+        return DownstreamParams(box=resized_crop_box(u, width, height, self.scale, self.ratio), flip=u[_FLIP] < self.flip_p)
+
+    def apply(self, img: Image.Image, params: DownstreamParams) -> np.ndarray:
+        """The view of an RGB PIL image for given choices, as uint8 pixels ``(img_size, img_size, 3)``."""
+        top, left, height, width = params.box
+        img = img.crop((left, top, left + width, top + height)).resize((self.img_size, self.img_size), self.interpolation)
+        pixels = np.asarray(img)
+        return pixels[:, ::-1] if params.flip else pixels  # a flipped view, as Image.FLIP_LEFT_RIGHT
+
+    def apply_array(self, pixels: np.ndarray, params: DownstreamParams, source_size: tuple[int, int] | None = None) -> np.ndarray:
+        """The same for uint8 RGB pixels ``(H, W, 3)`` that are the source image resized from
+        ``source_size = (width, height)`` (None: the source itself); ``params.box`` is in the source's grid."""
+        height_here, width_here = pixels.shape[:2]
+        if source_size is None or tuple(source_size) == (width_here, height_here):
+            top, left, height, width = params.box
+            crop = Image.fromarray(pixels[top:top + height, left:left + width])  # the same pixels as Image.crop
+            out = np.asarray(crop.resize((self.img_size, self.img_size), self.interpolation))
+            return out[:, ::-1] if params.flip else out
+        # PIL resamples a fractional box directly (its filter covers the box's true extent), so the
+        # crop keeps the exact position and size drawn on the source instead of rounding to the copy's grid.
+        fx, fy = width_here / source_size[0], height_here / source_size[1]
+        top, left, height, width = params.box
+        box = (left * fx, top * fy, (left + width) * fx, (top + height) * fy)
+        out = np.asarray(Image.fromarray(pixels).resize((self.img_size, self.img_size), self.interpolation, box=box))
+        return out[:, ::-1] if params.flip else out
+
+    def from_array(self, pixels: np.ndarray, source_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """One random view of uint8 RGB pixels ``(H, W, 3)`` (see :meth:`apply_array`) -> ``(3, img_size, img_size)``."""
+        width, height = source_size if source_size is not None else (pixels.shape[1], pixels.shape[0])
+        return self.normalize.from_array(self.apply_array(pixels, self.draw(width, height), source_size))
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        img = ToRGB()(img)
+        return self.normalize.from_array(self.apply(img, self.draw(*img.size)))
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(img_size={self.img_size}, scale={self.scale}, ratio={self.ratio}, "
+                f"interpolation={self.interpolation.name}, flip_p={self.flip_p}, normalize={self.normalize})")
+
+
+def downstream_train_view(img_size: int, crop_min_scale: float, crop_as_original: bool = False) -> DownstreamView:
+    """:func:`downstream_train_transform` as one :class:`DownstreamView`: the same crop ranges and
+    interpolation (bicubic with ``crop_as_original``, else bilinear), the same pixels for the same choices."""
+    _check_sizes(img_size, crop_min_scale)
+    scale, ratio = crop_ranges(crop_min_scale, crop_as_original)
+    interpolation = BICUBIC if crop_as_original else Image.Resampling.BILINEAR
+    return DownstreamView(img_size, scale, ratio, interpolation=interpolation)
