@@ -46,6 +46,7 @@ def batch() -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
         targets.append({
             "boxes": torch.tensor([o["box"] for o in objects], dtype=torch.float32),
             "labels": torch.tensor([o["label"] + 1 for o in objects]),
+            "difficult": torch.tensor([o["difficult"] for o in objects]),  # as the dataset gives it; the detector ignores it
         })
     return images, targets
 

@@ -25,7 +25,9 @@ in torchvision's continuous pixel coordinates (xmin - 1, ymin - 1, xmax, ymax), 
 VOC loader does, so a box spans exactly its pixels and the plain IoU of
 :mod:`source.stages.detection_metrics` equals the VOC devkit's "+1" IoU. (The original BiSSL
 code used (xmin, ymin, xmax, ymax) unchanged, a one-pixel shift of the top-left corner, and
-dropped the difficult flag.) An optional horizontal flip (:class:`RandomHorizontalFlip`) flips
+dropped the difficult flag.) Difficult objects are ordinary training targets (torchvision's
+detector ignores the ``difficult`` key; detectron2 trains on them too); only the evaluator treats
+them apart. An optional horizontal flip (:class:`RandomHorizontalFlip`) flips
 the image and its boxes (x -> W - x) with torch's CPU generator, so the per-sample seeds of
 :mod:`source.data.loader` make it repeatable.
 """

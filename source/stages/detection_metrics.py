@@ -30,6 +30,9 @@ Decisions where the devkit says nothing or its ports differ:
   float64, with no "+1".
 * **Threshold test**: IoU >= threshold, as ``VOCevaldet.m`` (the Python ports use ``>``; with
   real-valued IoUs the two differ only on exact equality).
+* **Full precision**: detectron2 passes detections to the devkit code through text files with
+  scores rounded to 3 decimals and coordinates to 0.1 px; here nothing is rounded, so its figures
+  can differ from ours in the last digits.
 * **Recall levels** are exactly t = j / 10 (the ports' ``np.arange(0, 1.1, 0.1)`` carries float
   noise: its 0.3 is 0.30000000000000004), as :func:`source.stages.evaluation.average_precision_11pt`.
 * **Equal scores**: matching takes tied detections in image order, then the order within the
