@@ -215,3 +215,22 @@ def test_resnet50_builds_and_runs_one_tiny_forward():
     image = torch.rand(3, 64, 64)
     losses = model([image], [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 48.0]]), "labels": torch.tensor([3])}])
     assert set(losses) == LOSSES and all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_autocast_training_step(batch):
+    model, backbone = detector()
+    device = torch.device("cuda")
+    model.to(device).train()
+    images = [image.to(device) for image in batch[0]]
+    targets = [{key: value.to(device) for key, value in target.items()} for target in batch[1]]
+    with torch.autocast("cuda", dtype=torch.float16):
+        losses = model(images, targets)
+    assert set(losses) == LOSSES and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert backbone.layer3[-1].conv2.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        outputs = model(images)
+    assert outputs[0]["boxes"].device.type == "cuda"
