@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of this project in one call, for a lent one-GPU machine whose
-# python3 already has torch (figures go to bench/RESULTS.md by hand):
+# Every GPU test and benchmark of this project in one call, for a lent one-GPU machine, run from
+# the repository root (figures go to bench/RESULTS.md by hand):
 #
 #   bash bench/cuda_run.sh [OUT_DIR]                 # every part: at most about 11 minutes on one H100/H200
 #   PARTS="bissl_resnet50 augment_jpeg" bash bench/cuda_run.sh OUT_DIR    # only these parts
+#
+# It uses .venv/bin/python when there is one (make setup), else python3 (PY=... picks another);
+# a python without the editable install finds the package through PYTHONPATH, set below.
 #
 # FashionMNIST comes from data/FashionMNIST/raw, or from gzipped copies in .gpu_data/ (what
 # travels to a machine that cannot download). Each part has its own time limit and a failure
@@ -12,7 +15,10 @@ set -u
 OUT_DIR=${1:-${OUT:-/tmp/cuda_out}}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled WANDB_SILENT=true
-PY=${PY:-python3}
+if [ -z "${PY:-}" ]; then
+    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 SUMMARY="$OUT_DIR/summary.log"
 WORK=$(mktemp -d /tmp/bissl-cuda-XXXX)
 
@@ -42,19 +48,22 @@ done
     $PY -c "import torch, torchvision, PIL, numpy; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'PIL', PIL.__version__, 'numpy', numpy.__version__)"
 } 2>&1 | tee -a "$SUMMARY"
 
-# 1. Asserted GPU-vs-CPU checks (HVPs, solves, bf16, channels_last, pinned loader).
-part cuda_checks 60 $PY bench/cuda_checks.py
+# 1. The GPU tests (marker gpu: tests/test_cuda.py's GPU-vs-CPU HVPs and solves, bf16, channels_last,
+#    pinned loader; skipped on a machine without CUDA).
+part gpu_tests 120 $PY -m pytest -q -rs -m gpu tests
 # 2. The three scripts end to end on CUDA under torchrun (nccl, bf16 autocast): the demo, 2 seeds.
 part demo_cuda 150 $PY demo.py --device cuda --nproc 1 --seeds 2 --out-dir "$WORK/demo"
 # 3. The paper's pre-training setting per GPU (ResNet-50, 96 px, batch 256, bf16): bare step
 #    (contiguous and channels_last) vs the whole script at several --num-workers.
 part pretrain_throughput 140 $PY bench/bench_pretrain_throughput.py --device cuda --arch resnet50 --sizes 96 \
     --batch-size 256 --script-workers ${SCRIPT_WORKERS:-0 4 8 14} --repeats ${REPEATS:-1} --steps 10 --warmup 3 \
-    --script-steps 24 --log-every 4
+    --script-steps 24 --log-every 4 --json "$OUT_DIR/pretrain_throughput_cuda.json"
 # 4. Loader cost of one ImageNet-style sample on this machine's CPU cores (cores per GPU): full-size
 #    JPEGs (500 x 375) and JPEGs pre-resized to a 160 px side.
-part augment_jpeg 50 bash -c "$PY bench/bench_augment.py --skip-lightly --sizes 96 --threads 1 --jpeg-side 500 --images 300 --repeats 3 &&
-    $PY bench/bench_augment.py --skip-lightly --sizes 96 --threads 1 --jpeg-side 160 --images 300 --repeats 3"
+part augment_jpeg 50 bash -c "$PY bench/bench_augment.py --skip-lightly --sizes 96 --threads 1 --jpeg-side 500 --images 300 --repeats 3 \
+        --json $OUT_DIR/augment_jpeg500.json &&
+    $PY bench/bench_augment.py --skip-lightly --sizes 96 --threads 1 --jpeg-side 160 --images 300 --repeats 3 \
+        --json $OUT_DIR/augment_jpeg160.json"
 # 5. Implicit-gradient solvers and upper-step schemes at the paper's per-GPU scale (time, peak memory).
 part solvers_resnet50 100 $PY bench/bench_solvers.py --device cuda --arch resnet50 --img-size 96 --hessian-batch 256 \
     --upper-batch 64 --pretrain-batch 256 --pretrain-steps 5 --max-iters 6 --num-rhs 1 --probe-iters 10 \
