@@ -15,15 +15,18 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
 from source.data.transforms import (
+    DOWNSTREAM_UNIFORMS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     VIEW_UNIFORMS,
+    DownstreamView,
     PretextView,
     ToNormalizedTensor,
     TwoViewTransform,
     ViewParams,
     downstream_test_transform,
     downstream_train_transform,
+    downstream_train_view,
     pretext_transform,
     resized_crop_box,
 )
@@ -307,3 +310,101 @@ def test_bad_arguments_raise(img_size, scale) -> None:
 def test_non_image_input_is_rejected() -> None:
     with pytest.raises(TypeError, match="PIL"):
         downstream_test_transform(8)(torch.zeros(3, 8, 8))
+
+
+# ------------------------------------------------------------------ the fused downstream view
+
+
+def _torchvision_downstream(img: Image.Image, box: tuple[int, int, int, int], flip: bool, img_size: int,
+                            interpolation: T.InterpolationMode) -> np.ndarray:
+    """The reference: what RandomResizedCrop and RandomHorizontalFlip call, with the given choices."""
+    img = F.resized_crop(img, *box, [img_size, img_size], interpolation, antialias=True)
+    return np.asarray(F.hflip(img) if flip else img)
+
+
+@pytest.mark.parametrize("crop_as_original", [False, True])
+def test_downstream_view_pixels_equal_torchvision_ops_for_the_same_choices(crop_as_original: bool) -> None:
+    """Bit for bit over 400 random images and draws, on PIL images and on their uint8 arrays, with
+    the chain's crop ranges and interpolation; the tensor equals ToTensor + Normalize of them."""
+    rng = np.random.default_rng(2)
+    view = downstream_train_view(24, 0.3, crop_as_original)
+    chain_crop = _only(downstream_train_transform(24, 0.3, crop_as_original), T.RandomResizedCrop)
+    assert view.scale == pytest.approx(chain_crop.scale) and view.ratio == pytest.approx(chain_crop.ratio)
+    assert view.interpolation.name == chain_crop.interpolation.name.upper()
+    torch.manual_seed(0)
+    flips = 0
+    for _ in range(400):
+        size = (int(rng.integers(8, 64)), int(rng.integers(8, 64)))
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        image = Image.fromarray(pixels)
+        params = view.draw(*image.size)
+        expected = _torchvision_downstream(image, params.box, params.flip, 24, chain_crop.interpolation)
+        assert np.array_equal(view.apply(image, params), expected), params
+        assert np.array_equal(view.apply_array(pixels, params), expected), params
+        assert np.array_equal(view.apply_array(pixels, params, source_size=size), expected), params
+        flips += params.flip
+    assert 150 < flips < 250
+    reference_tensor = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    image = _random_image("L", (40, 30))
+    torch.manual_seed(5)
+    out = view(image)
+    torch.manual_seed(5)
+    params = view.draw(40, 30)
+    expected = reference_tensor(Image.fromarray(_torchvision_downstream(image.convert("RGB"), params.box, params.flip, 24,
+                                                                        chain_crop.interpolation)))
+    assert out.shape == (3, 24, 24) and torch.allclose(out, expected, atol=1e-5)
+    torch.manual_seed(5)
+    assert torch.equal(view.from_array(np.asarray(image.convert("RGB"))), out)
+
+
+@pytest.mark.parametrize(("size", "crop_min_scale", "crop_as_original"), [
+    ((28, 28), 0.08, False), ((56, 40), 0.5, False), ((40, 56), 0.5, True), ((90, 12), 0.3, False)])
+def test_downstream_view_choices_follow_torchvision_distribution(size, crop_min_scale, crop_as_original) -> None:
+    """The boxes against RandomResizedCrop.get_params with the chain's ranges (two-sample KS per
+    coordinate and on the area, p > 1e-4), the flip at p 0.5 (4.5 standard deviations)."""
+    n = 4000
+    view = downstream_train_view(16, crop_min_scale, crop_as_original)
+    crop = _only(downstream_train_transform(16, crop_min_scale, crop_as_original), T.RandomResizedCrop)
+    torch.manual_seed(0)
+    draws = [view.draw(*size) for _ in range(n)]
+    ours = np.array([d.box for d in draws])
+    image = Image.new("RGB", size)
+    theirs = np.array([T.RandomResizedCrop.get_params(image, list(crop.scale), list(crop.ratio)) for _ in range(n)])
+    for column in range(4):
+        assert stats.ks_2samp(ours[:, column], theirs[:, column]).pvalue > 1e-4, column
+    assert stats.ks_2samp(ours[:, 2] * ours[:, 3], theirs[:, 2] * theirs[:, 3]).pvalue > 1e-4
+    assert abs(sum(d.flip for d in draws) - n / 2) <= 4.5 * np.sqrt(n / 4)
+
+
+def test_downstream_view_draws_once_and_repeats_from_a_seed() -> None:
+    """One torch draw of DOWNSTREAM_UNIFORMS per sample: the generator advances by exactly that."""
+    view = downstream_train_view(16, 0.5)
+    image = _random_image("RGB", (40, 30))
+    torch.manual_seed(9)
+    first = view(image)
+    after = torch.rand(1)
+    torch.manual_seed(9)
+    torch.rand(DOWNSTREAM_UNIFORMS, dtype=torch.float64)
+    assert torch.equal(torch.rand(1), after)
+    torch.manual_seed(9)
+    assert torch.equal(view(image), first)
+    clone = pickle.loads(pickle.dumps(view))
+    torch.manual_seed(9)
+    assert torch.equal(clone(image), first)
+
+
+def test_downstream_view_on_a_reduced_copy_crops_the_same_region() -> None:
+    """A copy reduced 4x: the crop is drawn on the original size and resampled from the copy's
+    fractional box, so the view stays within a grey level or two of the original's."""
+    pixels = np.kron(_smooth_image(), np.ones((4, 4, 1), dtype=np.uint8))  # 160 x 192, smooth at the copy's scale
+    original = Image.fromarray(pixels)
+    copy = np.asarray(original.resize((48, 40), Image.Resampling.LANCZOS))
+    view = DownstreamView(16, (0.5, 1.0), (3 / 4, 4 / 3))
+    torch.manual_seed(0)
+    errors = []
+    for _ in range(100):
+        params = view.draw(192, 160)
+        errors.append(np.abs(view.apply(original, params).astype(int) - view.apply_array(copy, params, (192, 160)).astype(int)).mean())
+    assert np.mean(errors) < 2.0 and max(errors) < 6.0, (np.mean(errors), max(errors))
+    with pytest.raises(ValueError, match="flip_p"):
+        DownstreamView(16, (0.5, 1.0), (3 / 4, 4 / 3), flip_p=1.5)
