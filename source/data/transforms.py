@@ -370,6 +370,8 @@ def downstream_test_transform(img_size: int) -> T.Compose:
 
 
 # Uniforms one downstream view draws, in this order: the crop's tries and position, flip.
+# Half-width in pixels of PIL's resampling filters at scale 1 (Pillow's bilinear, bicubic and lanczos kernels).
+_FILTER_SUPPORT = {Image.Resampling.BILINEAR: 1.0, Image.Resampling.BICUBIC: 2.0, Image.Resampling.LANCZOS: 3.0}
 DOWNSTREAM_UNIFORMS = _FLIP + 1
 
 
@@ -435,8 +437,14 @@ class DownstreamView:
         # crop keeps the exact position and size drawn on the source instead of rounding to the copy's grid.
         fx, fy = width_here / source_size[0], height_here / source_size[1]
         top, left, height, width = params.box
-        box = (left * fx, top * fy, (left + width) * fx, (top + height) * fy)
-        out = np.asarray(Image.fromarray(pixels).resize((self.img_size, self.img_size), self.interpolation, box=box))
+        x0, y0, x1, y1 = left * fx, top * fy, (left + width) * fx, (top + height) * fy
+        # Only the pixels the filter reads (its support, widened by the reduction factor) become a PIL
+        # image: copying the whole stored image would cost more than the resampling itself.
+        support = _FILTER_SUPPORT[self.interpolation] * max(1.0, (x1 - x0) / self.img_size, (y1 - y0) / self.img_size) + 1
+        c0, r0 = max(0, math.floor(x0 - support)), max(0, math.floor(y0 - support))
+        c1, r1 = min(width_here, math.ceil(x1 + support)), min(height_here, math.ceil(y1 + support))
+        region = Image.fromarray(pixels[r0:r1, c0:c1])
+        out = np.asarray(region.resize((self.img_size, self.img_size), self.interpolation, box=(x0 - c0, y0 - r0, x1 - c0, y1 - r0)))
         return out[:, ::-1] if params.flip else out
 
     def from_array(self, pixels: np.ndarray, source_size: tuple[int, int] | None = None) -> torch.Tensor:
