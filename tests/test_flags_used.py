@@ -1,0 +1,137 @@
+"""Every flag a script offers does something there: each script's smallest run, in this process,
+with an argument namespace that records which flags ``main`` reads; a parsed flag that no run
+reads fails the test (it is dead, or its code path is not exercised here: then add a run).
+
+The few flags read only on paths too costly for a smoke run are listed in ``READ_ELSEWHERE`` with
+the reason; the list is checked too, so an entry that the runs do read must go.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from source.maths.models import Projector, build_backbone
+from source.run.checkpoint import save_atomic
+from tests.script_helpers import load_script, make_image_folder
+
+# Read by run_entry_point (the wrapper around main), not by main; tested in tests/test_errors.py.
+WRAPPER_FLAGS = {"debug"}
+READ_ELSEWHERE: dict[str, dict[str, str]] = {
+    "bissl.py": {
+        "multilabel_loss": "only for a multi-label downstream dataset (voc2007)",
+    },
+    "fine-tuning.py": {
+        "multilabel_loss": "only for a multi-label downstream dataset (voc2007)",
+    },
+    "ssl_pre-training.py": {},
+    "source/tools/probe.py": {},
+}
+
+
+def recording_namespace() -> tuple[argparse.Namespace, set[str]]:
+    """A namespace that adds the name of every attribute read from it to the returned set."""
+    read: set[str] = set()
+
+    class Recording(argparse.Namespace):
+        def __getattribute__(self, name: str):
+            if not name.startswith("_"):
+                read.add(name)
+            return super().__getattribute__(name)
+
+    return Recording(), read
+
+
+def flags_read(script, argvs: list[list[str]]) -> tuple[set[str], set[str]]:
+    """(flags the parser offers, flags read by ``main`` in at least one of the runs)."""
+    parser = script.get_args_parser()
+    offered = set(vars(parser.parse_args([])))
+    read_any: set[str] = set()
+    for argv in argvs:
+        namespace, read = recording_namespace()
+        args = parser.parse_args(argv, namespace=namespace)
+        read.clear()  # argparse itself looks at every attribute while parsing
+        script.main(args)
+        read_any |= read
+    return offered, read_any
+
+
+def check(name: str, offered: set[str], read: set[str]) -> None:
+    exempt = WRAPPER_FLAGS | set(READ_ELSEWHERE[name])
+    assert offered - read - exempt == set(), f"{name} parses flags it never reads"
+    assert set(READ_ELSEWHERE[name]) & read == set(), f"{name}: READ_ELSEWHERE lists flags the runs do read"
+    assert exempt <= offered, f"{name}: exemptions for flags it does not offer"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, Path]:
+    """An image-folder dataset and random pretext weights (SimCLR and BYOL, resnet18)."""
+    images = make_image_folder(tmp_path_factory.mktemp("images"), classes=2, per_class=16, size=16)
+    models = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("resnet18")
+    projector = Projector(dim, "32-16")
+    for kind in ("simclr", "byol"):
+        save_atomic(backbone.state_dict(), models / f"pretext_{kind}_arch-resnet18_bb.pth")
+        save_atomic(projector.state_dict(), models / f"pretext_{kind}_arch-resnet18_proj.pth")
+    save_atomic(Projector(16, "32-16").state_dict(), models / "pretext_byol_arch-resnet18_pred.pth")
+    return images, models
+
+
+def general(images: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--data-dir", str(images), "--device", "cpu", "--num-workers", "0", "--run-dir", str(run_dir), *extra]
+
+
+RUNS: dict[str, Callable[[Path, Path, Path], list[list[str]]]] = {
+    "ssl_pre-training.py": lambda images, models, tmp: [
+        ["--pretext-type", kind, "--dset", "imagefolder", "--arch", "resnet18", "--img-size", "16", "--epochs", "1",
+         "--batch-size", "16", "--mlp", "32-16", "--warmup-epochs", "0", "--model-dir", str(tmp),
+         *general(images, tmp / kind)] for kind in ("simclr", "byol")],
+    "bissl.py": lambda images, models, tmp: [
+        ["--d-dset", "imagefolder", "--p-dset", "imagefolder", "--p-pretext-type", kind, "--arch", "resnet18",
+         "--img-size", "16", "--cg-iter-num", "1", "--p-mlp", "32-16", "--model-dir", str(models),
+         "--p-pretrained-backbone-filename", f"pretext_{kind}_arch-resnet18_bb.pth",
+         "--p-pretrained-proj-filename", f"pretext_{kind}_arch-resnet18_proj.pth",
+         "--epochs", "1", "--lower-num-iter", "1", "--upper-num-iter", "1", "--d-linear-warmup-epochs", "1",
+         "--p-batch-size", "8", "--d-batch-size", "8", "--curvature-every", "1", "--curvature-iters", "2",
+         "--cg-verbose", "1", "--save-model", "0", *general(images, tmp / kind)] for kind in ("simclr", "byol")],
+    "fine-tuning.py": lambda images, models, tmp: [
+        ["--dset", "imagefolder", "--model-dir", str(models), "--pretrained-backbone-filename",
+         "pretext_simclr_arch-resnet18_bb.pth", "--pretrain-arch", "resnet18", "--pretrain-img-size", "16",
+         "--batch-size", "8", "--epochs", "1", "--num-runs", "1", "--use-hpo", hpo, *general(images, tmp / f"hpo{hpo}"),
+         "--num-workers", hpo]  # --prefetch-factor is read for loaders with workers
+        for hpo in ("0", "1")],
+    "source/tools/probe.py": lambda images, models, tmp: [
+        ["--dset", "imagefolder", "--model-dir", str(models), "--backbone-filename", "pretext_simclr_arch-resnet18_bb.pth",
+         "--arch", "resnet18", "--img-size", "16", "--batch-size", "8", "--linear-max-iter", "5",
+         "--recalibrate-bn", "1", *general(images, tmp / "probe")]],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RUNS))
+def test_every_parsed_flag_is_read(name, data, tmp_path):
+    images, models = data
+    offered, read = flags_read(load_script(name), RUNS[name](images, models, tmp_path))
+    check(name, offered, read)
+
+
+def test_the_recording_namespace_records_reads_and_the_check_fails_on_an_unread_flag():
+    namespace, read = recording_namespace()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--used", type=int, default=1)
+    parser.add_argument("--dead", type=int, default=2)
+    args = parser.parse_args(["--used", "3"], namespace=namespace)
+    read.clear()
+    assert args.used == 3 and read == {"used"} and vars(args) == {"used": 3, "dead": 2}
+    assert read == {"used"}  # vars() (e.g. saving the config) is not a read of each flag
+    READ_ELSEWHERE["toy"] = {}
+    try:
+        with pytest.raises(AssertionError, match="parses flags it never reads"):
+            check("toy", {"used", "dead"}, read)
+        check("toy", {"used"}, read)
+    finally:
+        del READ_ELSEWHERE["toy"]
