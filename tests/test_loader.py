@@ -47,7 +47,19 @@ def test_loader_batches_do_not_depend_on_workers_and_change_per_epoch():
     no_workers = results[0]
     assert all(torch.equal(a[1], b[1]) for a, b in zip(no_workers[0], no_workers[2]))  # epoch 0 again: same draws
     assert not torch.equal(no_workers[0][0][1], no_workers[1][0][1])  # epoch 1: new draws for the same images
-    assert torch.get_rng_state().equal(torch.get_rng_state())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_batches_do_not_depend_on_the_global_rng(workers):
+    """The draws are functions of (seed, epoch, index): whatever the global generator holds when
+    the loader is built and iterated, the batches are the same."""
+    batches = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        loader = build_loader(RandomViews(), 4, range(20), seed=3, num_workers=workers, pin_memory=False, prefetch_factor=2)
+        batches.append(epoch_batches(loader, 0))
+    assert len(batches[0]) == 5
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(*batches))
 
 
 def test_building_and_iterating_a_worker_loader_leaves_the_global_rng_alone():
