@@ -51,7 +51,7 @@ from source.run.errors import MissingInputError
 
 __all__ = [
     "PRETEXT_DATASETS", "DOWNSTREAM_DATASETS", "MULTILABEL_DATASETS", "VOC_CLASSES",
-    "DatasetNotFoundError", "DownstreamSplits", "Cub2011", "ImageTree", "VocMultiHot",
+    "DatasetNotFoundError", "DownstreamSplits", "Cub2011", "ImageTree", "VocMultiHot", "dataset_folder",
     "build_pretext_dataset", "build_downstream_splits", "subsample", "dataset_labels", "SplitSubset",
 ]
 
@@ -230,6 +230,13 @@ def _require(name: str, data_dir: Path, download: bool) -> Path:
     if download:
         how += " (--download-dataset 1 cannot fetch this dataset.)"
     raise DatasetNotFoundError(name, path, source.layout, how)
+
+
+def dataset_folder(name: str, data_dir: Path) -> Path:
+    """The folder under ``data_dir`` holding dataset ``name``'s files (``data_dir`` itself for ``imagefolder``);
+    what a decoded-image cache fingerprints."""
+    _check_name(name, tuple(_SOURCES), "")
+    return Path(data_dir) / _SOURCES[name].folder
 
 
 @contextlib.contextmanager
