@@ -51,7 +51,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -436,21 +436,36 @@ class CacheSettings:
 
 
 def cached_splits(settings: CacheSettings, train: Dataset, val: Dataset, test: Dataset, view: DownstreamView,
-                  eval_img_size: int) -> tuple[Dataset, Dataset, Dataset] | None:
+                  eval_img_size: int, agree: Callable[[bool], bool] | None = None) -> tuple[Dataset, Dataset, Dataset] | None:
     """The three splits served from decoded caches, or None when the settings decide against one
-    (``off``, over the budget, not SplitSubset views). Train items get ``view``; val/test the
-    evaluation transform of ``eval_img_size`` (same tensors as without the cache)."""
+    (``off``, over the budget or the free disk, a folder that cannot be written, not SplitSubset
+    views). Train items get ``view``; val/test the evaluation transform of ``eval_img_size`` (the
+    same tensors as without the cache). ``agree(decision) -> decision``: makes every process of a
+    run take rank 0's decision (the free disk it sees changes while another process builds)."""
     splits = (train, val, test)
-    if settings.mode == "off":
-        return None
-    if not all(isinstance(split, SplitSubset) for split in splits):
+    use = settings.mode != "off"
+    if use and not all(isinstance(split, SplitSubset) for split in splits):
         if settings.mode == "on":
             raise ConfigError("--decode-cache on: this dataset's splits cannot be cached (not index views of one dataset)")
-        return None
+        use = False
+    if use:
+        try:
+            settings.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            if settings.mode == "on":
+                raise ConfigError(f"--decode-cache on: cannot create {settings.root} ({error}); pass --decode-cache-dir "
+                                  "a writable folder") from error
+            logger.warning("decoded-image cache off: cannot create %s (%s); --decode-cache-dir names another folder",
+                           settings.root, error)
+            use = False
     side = settings.train_side or train_side(view.img_size, view.scale, view.ratio)
     prepares = (ShortSideAtMost(side), ResizeCenterCrop(eval_img_size), ResizeCenterCrop(eval_img_size))
-    estimate = sum(estimate_bytes(split, prepare) for split, prepare in zip(splits, prepares))
-    if not use_cache(settings.mode, estimate, settings.max_gb, settings.root):
+    if use:
+        estimate = sum(estimate_bytes(split, prepare) for split, prepare in zip(splits, prepares))
+        use = use_cache(settings.mode, estimate, settings.max_gb, settings.root)
+    if agree is not None:
+        use = agree(use)
+    if not use:
         return None
     caches = [open_or_build(split, prepare, settings.root, settings.dataset_name, settings.source_folder,
                             num_workers=settings.num_workers) for split, prepare in zip(splits, prepares)]
