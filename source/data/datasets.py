@@ -47,7 +47,7 @@ from source.data.splits import (
     resolve_train_val_split,
     subsample,
 )
-from source.run.errors import MissingInputError
+from source.run.errors import ConfigError, MissingInputError
 
 __all__ = [
     "PRETEXT_DATASETS", "DOWNSTREAM_DATASETS", "MULTILABEL_DATASETS", "VOC_CLASSES",
@@ -217,7 +217,7 @@ _SOURCES = {
 
 def _check_name(name: str, valid: Sequence[str], kind: str) -> None:
     if name not in valid:
-        raise ValueError(f"unknown {kind} dataset {name!r}; valid: {', '.join(valid)}")
+        raise ConfigError(f"unknown {kind} dataset {name!r}; valid: {', '.join(valid)}")
 
 
 def _require(name: str, data_dir: Path, download: bool) -> Path:
@@ -261,7 +261,7 @@ class ImageTree(tv_datasets.ImageFolder):
             if entry.is_dir() and entry.name not in IGNORED_FOLDERS and not entry.name.startswith(".")
         )
         if not classes:
-            raise FileNotFoundError(f"no class folders found in {directory}")
+            raise MissingInputError(f"no class folders found in {directory}")
         return classes, {cls: index for index, cls in enumerate(classes)}
 
 
@@ -317,7 +317,7 @@ class Cub2011(Dataset):
         self.transform = transform
         missing = [path for path in self.images if not path.is_file()]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} CUB images listed in images.txt are missing, e.g. {missing[0]}")
+            raise MissingInputError(f"{len(missing)} CUB images listed in images.txt are missing, e.g. {missing[0]}")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -483,7 +483,7 @@ def _load_sun397(data_dir: Path, download: bool, seed: int) -> _Official:
                 entries = [line.strip().lstrip("/") for line in path.read_text().splitlines() if line.strip()]
                 missing = [entry for entry in entries if entry not in by_path]
                 if missing:
-                    raise FileNotFoundError(f"{len(missing)} images listed in {path} are missing under {root}, e.g. {missing[0]}")
+                    raise MissingInputError(f"{len(missing)} images listed in {path} are missing under {root}, e.g. {missing[0]}")
                 return [by_path[entry] for entry in entries]
 
             pool = _view(full, lookup(train_file), None, labels)

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from source.run.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 VALID_DEVICES = ("auto", "cuda", "cpu")
@@ -43,12 +45,12 @@ class DistEnv:
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """Map ``--device`` (auto|cuda|cpu) to a concrete device for this process."""
     if device not in VALID_DEVICES:
-        raise ValueError(f"--device {device!r} is not one of {VALID_DEVICES}")
+        raise ConfigError(f"--device {device!r} is not one of {VALID_DEVICES}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda was requested but CUDA is not available; use --device cpu")
+            raise ConfigError("--device cuda was requested but CUDA is not available; use --device cpu")
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")

@@ -9,7 +9,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from source.run.errors import UserError
+
 logger = logging.getLogger(__name__)
+
+
+class WandbSetupError(UserError, RuntimeError):
+    """``--wandb-project`` was given but wandb cannot log (no API key, a refused setting)."""
 
 
 def setup_logging(is_main: bool) -> None:
@@ -51,7 +57,7 @@ class MetricsWriter:
             except wandb.errors.UsageError as error:
                 reason = ("there is no wandb API key on this machine" if "api key" in str(error).lower()
                           else f"wandb refused: {error}")
-                raise RuntimeError(
+                raise WandbSetupError(
                     f"--wandb-project {wandb_project} with --wandb-mode {wandb_mode}: {reason}. Run `wandb login` "
                     "(or set WANDB_API_KEY), or pass --wandb-mode offline to log locally and `wandb sync` later."
                 ) from None

@@ -11,7 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from source.run.distributed import all_reduce_mean_, get_world_size
-from source.run.errors import UserError
+from source.run.errors import ConfigError, UserError
 from source.run.tracking import MetricsWriter
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def train_pretext_epoch(
                        global_step)
         ready = time.perf_counter()
     if num_steps == 0:
-        raise ValueError("the training loader produced no batch: the dataset is smaller than one global batch")
+        raise ConfigError("the training loader produced no batch: the dataset is smaller than one global batch")
     writer.log({**throughput.overall("epoch/"), **peak_memory_metrics(device, "epoch/"), "epoch": epoch}, global_step)
     return total_loss / num_steps, global_step
 
