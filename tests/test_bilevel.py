@@ -576,6 +576,7 @@ def _distributed_worker(rank: int, world_size: int, layerwise: bool):
     return [t.numpy() for t in x], untouched
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("layerwise", [True, False])
 def test_two_process_implicit_gradient_equals_one_process_on_full_batch(layerwise):
     results = run_in_processes(_distributed_worker, world_size=2, args=(layerwise,))

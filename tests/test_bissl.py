@@ -144,12 +144,14 @@ def _distributed_bissl(rank, world, kind, batch_norm):
     return flat, buffers, history[-1]["upper/loss"]
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_stay_identical_with_batch_norm_simclr():
     (flat0, buffers0, _), (flat1, buffers1, _) = run_in_processes(_distributed_bissl, 2, args=("simclr", True))
     assert torch.equal(flat0, flat1)
     assert torch.equal(buffers0, buffers1)
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_equal_one_process_on_concatenated_batches():
     results = run_in_processes(_distributed_bissl, 2, args=("byol", False))
     trainer = make_trainer("byol", batch_norm=False)

@@ -39,6 +39,8 @@ def bissl_args(images, model_dir, kind="simclr", epochs=2, run_dir=None):
     return args
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["simclr", "byol"])
 def test_two_rank_run_writes_the_bissl_backbone(setup, tmp_path, kind):
     images, models = setup
@@ -60,6 +62,8 @@ def test_two_rank_run_writes_the_bissl_backbone(setup, tmp_path, kind):
     assert all(0 <= row["throughput/data_wait_frac"] <= 1 for row in speeds)
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted(setup, tmp_path):
     images, models = setup
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
@@ -89,6 +93,8 @@ def test_resume_after_kill_matches_uninterrupted(setup, tmp_path):
         assert torch.allclose(straight[key].float(), resumed[key].float(), atol=1e-6), key
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_spec_command_line_fails_only_for_missing_pets_data(tmp_path):
     result = run_script("bissl.py", "--d-dset", "pets", "--p-pretext-type", "simclr",
                         "--p-pretrained-backbone-filename", "pretext_simclr_arch-resnet50_bb.pth",
@@ -98,6 +104,8 @@ def test_spec_command_line_fails_only_for_missing_pets_data(tmp_path):
     assert "oxford-iiit-pet" in result.stderr and "unrecognized arguments" not in result.stderr
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_mismatched_weights_name_the_keys(setup, tmp_path):
     images, models = setup
     (tmp_path / "pretext_simclr_arch-resnet18_bb.pth").write_bytes((models / "pretext_simclr_arch-resnet18_bb.pth").read_bytes())

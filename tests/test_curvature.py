@@ -133,6 +133,8 @@ def test_probe_during_training_changes_nothing_and_bissl_logs_it(tmp_path):
     assert report.ritz == probe_next_batch(model, iter([(batch, None)]), 5, 10.001, torch.device("cpu")).ritz
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_bissl_script_with_minres_and_the_probe(tmp_path):
     from source.maths.models import Projector, build_backbone
     from source.run.checkpoint import save_atomic

@@ -1,11 +1,14 @@
 """The three stages in miniature, each under a 2-process torchrun, each consuming the previous one's files."""
 import json
 
+import pytest
 import torch
 
 from tests.script_helpers import make_image_folder, run_script
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_pretraining_then_bissl_then_fine_tuning(tmp_path):
     images = make_image_folder(tmp_path / "images", classes=2, per_class=20, size=16)
     models = tmp_path / "models"

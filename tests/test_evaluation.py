@@ -216,6 +216,7 @@ def _distributed_worker(rank: int, world_size: int) -> dict[str, dict[str, float
     return results
 
 
+@pytest.mark.multiprocess
 def test_two_rank_evaluation_counts_every_sample_once():
     per_rank = run_in_processes(_distributed_worker, world_size=2)
     for name, num_samples, multilabel in (

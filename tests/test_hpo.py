@@ -167,6 +167,7 @@ def _append_rows(path: str, writer: int, count: int) -> None:
         results.append(row_for(writer * 1000 + number, note="x" * 5000))
 
 
+@pytest.mark.multiprocess
 def test_concurrent_appends_all_land_intact(tmp_path):
     path = tmp_path / "results.jsonl"
     context = multiprocessing.get_context("spawn")

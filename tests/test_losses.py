@@ -1,6 +1,7 @@
 """NT-Xent against a direct per-anchor formula, and its 2-process behaviour."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -45,6 +46,7 @@ def _two_rank_nt_xent(rank, world_size, x, weight):
     return loss.item(), (grad / world_size)
 
 
+@pytest.mark.multiprocess
 def test_nt_xent_two_processes_equal_one_process_on_global_batch():
     torch.manual_seed(1)
     x = torch.randn(2, 8, 5, dtype=torch.float64)  # (views, global batch, features)

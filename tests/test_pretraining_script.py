@@ -22,6 +22,8 @@ def images(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("images"), classes=2, per_class=16, size=16)
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.parametrize("pretext,files", [("simclr", {"bb", "proj"}), ("byol", {"bb", "proj", "pred"})])
 def test_two_ranks_end_identical_and_write_outputs(images, tmp_path, pretext, files):
     run_script("ssl_pre-training.py", *common_args(images, tmp_path, pretext=pretext), nproc=2)
@@ -42,6 +44,8 @@ def test_two_ranks_end_identical_and_write_outputs(images, tmp_path, pretext, fi
     assert any("epoch/images_per_s" in json.loads(line) for line in metrics)
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(images, tmp_path):
     args = common_args(images, tmp_path / "straight", epochs=3)
     # wandb in offline mode rides along: it must work without network and change nothing.
@@ -71,6 +75,8 @@ def test_resume_after_kill_matches_uninterrupted_run(images, tmp_path):
         assert torch.allclose(straight[key].float(), resumed[key].float(), atol=1e-6), key
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_bad_input_fails_clearly_and_damages_nothing(images, tmp_path):
     precious = tmp_path / "pretext_simclr_arch-resnet18_bb.pth"
     precious.write_bytes(b"already saved")

@@ -112,6 +112,7 @@ def _extract_on_ranks(rank, world_size, images, state):
     return features, labels, batches, model.bn2d.running_mean.clone()
 
 
+@pytest.mark.multiprocess
 def test_two_processes_embed_each_sample_once_in_order():
     images = torch.randn(7, 3, 6, 6)  # 7 samples: shards of 4 and 3
     state = TinyNet().state_dict()

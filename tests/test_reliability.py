@@ -297,6 +297,8 @@ LOCK_HOLDER = ("import sys, time; from source.run.runtime import RunDirLock; loc
                "print('locked', flush=True); time.sleep(120)")
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_a_locked_run_dir_refuses_a_second_run_and_a_killed_holder_leaves_no_stale_lock(images, tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run_dir)], cwd=ROOT, env=script_env(),
@@ -341,6 +343,7 @@ def _rank_checks(rank: int, world_size: int) -> dict:
     return out
 
 
+@pytest.mark.multiprocess
 def test_rank_fingerprints_catch_a_different_model_and_broadcast_makes_them_equal():
     results = run_in_processes(_rank_checks, world_size=2)
     for result in results:
@@ -368,6 +371,8 @@ def bissl_flags(images: Path, model_dir: Path, *extra: str) -> list[str]:
             "--model-dir", str(model_dir), *extra]
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_rank_bissl_killed_after_its_second_checkpoint_resumes_to_the_uninterrupted_result(images, pretext_models, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for folder in (straight, resumed):
