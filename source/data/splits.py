@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from source.run.checkpoint import write_text_atomic
+from source.run.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -212,15 +213,15 @@ def read_split_file(path: Path, num_items: int) -> list[int]:
     try:
         indices = [int(line) for line in Path(path).read_text().split()]
     except ValueError as error:
-        raise ValueError(f"split file {path} must hold one integer per line: {error}") from None
+        raise ConfigError(f"split file {path} must hold one integer per line: {error}") from None
     bad = [i for i in indices if not 0 <= i < num_items]
     if bad:
-        raise ValueError(
+        raise ConfigError(
             f"split file {path} has indices outside [0, {num_items}) (the size of the split it indexes), "
             f"e.g. {bad[:5]}; it was probably made for another version of the dataset"
         )
     if len(set(indices)) != len(indices):
-        raise ValueError(f"split file {path} lists some indices more than once")
+        raise ConfigError(f"split file {path} lists some indices more than once")
     return indices
 
 
@@ -262,9 +263,9 @@ def resolve_train_val_split(
     if train_path is not None and val_path is not None:
         train, val = read_split_file(train_path, pool_size), read_split_file(val_path, pool_size)
         if set(train) & set(val):
-            raise ValueError(f"split files {train_path} and {val_path} share {len(set(train) & set(val))} indices")
+            raise ConfigError(f"split files {train_path} and {val_path} share {len(set(train) & set(val))} indices")
         if allowed is not None and not set(train + val) <= allowed:
-            raise ValueError(f"split files {train_path} / {val_path} contain indices of the held-out test split")
+            raise ConfigError(f"split files {train_path} / {val_path} contain indices of the held-out test split")
         logger.info("%s: train/val split from %s and %s", name, train_path, val_path)
         return train, val
     if official_val_start is not None and train_path is None and val_path is None:
@@ -280,7 +281,7 @@ def resolve_train_val_split(
         # a user dropped in only one file, which we refuse rather than silently mixing splits.
         if read_split_file(existing, pool_size) != generated:
             other = "val" if split == "train" else "train"
-            raise ValueError(
+            raise ConfigError(
                 f"found {existing} but not its {other} counterpart {split_file_path(data_dir, name, other)}; "
                 "provide both split files or delete this one to regenerate both"
             )

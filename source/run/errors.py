@@ -35,7 +35,8 @@ class UserError(Exception):
 
 
 class ConfigError(UserError, ValueError):
-    """A bad flag value or combination of flags (still a ``ValueError`` for code that catches one)."""
+    """A bad flag value, combination of flags or settings file the user supplied (a split file);
+    still a ``ValueError`` for code that catches one."""
 
 
 class MissingInputError(UserError, FileNotFoundError):
