@@ -15,6 +15,7 @@ import config_default as cfg
 from source.run import checkpoint as ckpt
 from source.run.cli import build_parser
 from source.run.distributed import barrier, cleanup_distributed
+from source.run.errors import run_entry_point
 from source.run.runtime import amp_dtype, open_run_dir, per_rank_batch_size, run_directory, start
 from source.run.tracking import MetricsWriter
 from source.stages.engine import make_grad_scaler, train_pretext_epoch
@@ -81,4 +82,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_entry_point(main, get_args_parser())

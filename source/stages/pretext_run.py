@@ -23,6 +23,7 @@ from source.maths.models import build_backbone
 from source.maths.optim import build_optimizer, warmup_cosine_scheduler
 from source.run import checkpoint as ckpt
 from source.run.distributed import DistEnv, barrier, check_ranks_identical, parameter_fingerprints
+from source.run.errors import ConfigError
 from source.run.runtime import changed_settings, check_settings_unchanged, per_rank_batch_size
 from source.stages.engine import memory_format
 from source.stages.pretext import BYOL, build_pretext_model, byol_decay, pretext_head_modules
@@ -44,7 +45,7 @@ def build_loader(args: argparse.Namespace, env: DistEnv) -> tuple[DataLoader | l
     )
     dataset = subsample(dataset, args.max_train_samples or None, seed=args.seed, stratify=False)
     if len(dataset) < args.batch_size:
-        raise ValueError(f"the training set has {len(dataset)} images, fewer than one global batch ({args.batch_size})")
+        raise ConfigError(f"the training set has {len(dataset)} images, fewer than one global batch ({args.batch_size})")
     # One sampler for every world size (also 1): its shuffle depends only on (seed, epoch).
     sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
                                  seed=args.seed, drop_last=True)
