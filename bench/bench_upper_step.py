@@ -6,23 +6,25 @@ that loss w.r.t. the backbone. Both Hessian-vector-product methods run in the sa
 the same batch, interleaved after a warm-up, so the ratio is not skewed by drift in machine load:
 
     python bench/bench_upper_step.py --threads 2 --batch-size 64 --img-size 32 --cg-iters 5 --repeats 3
+    python bench/bench_upper_step.py --quick      # a few seconds: checks that the bench runs
+
+The ratio is recomputation's median wall time over graph reuse's (the speed-up).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from report import add_json_argument, write_report
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without install
+from source.maths.bilevel import implicit_gradient, preserved_buffers
+from source.maths.losses import nt_xent_loss
+from source.maths.models import Projector, build_backbone
+from source.run.distributed import resolve_device
 
-from source.maths.bilevel import implicit_gradient, preserved_buffers  # noqa: E402
-from source.maths.losses import nt_xent_loss  # noqa: E402
-from source.maths.models import Projector, build_backbone  # noqa: E402
-from source.run.distributed import resolve_device  # noqa: E402
+NAME = "upper_step"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -39,6 +41,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cg-damping", type=float, default=10.0)
     parser.add_argument("--device", default="cpu", help="auto | cuda | cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="batch 4, 16 px, 2 CG iterations, 1 repeat: only checks that the bench runs")
+    add_json_argument(parser, NAME)
     return parser
 
 
@@ -47,7 +51,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main(args: argparse.Namespace) -> dict[str, float]:
+def main(args: argparse.Namespace) -> dict:
+    if args.quick:
+        args.batch_size, args.img_size, args.cg_iters, args.repeats = 4, 16, 2, 1
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
@@ -99,8 +105,11 @@ def main(args: argparse.Namespace) -> dict[str, float]:
               f"{statistics.median(cpu_times[name]):.2f} s CPU")
     print(f"  speed-up    : {recompute_s / reuse_s:.2f}x wall, {recompute_cpu / reuse_cpu:.2f}x process CPU time")
     print(f"  agreement   : max |x_reuse - x_recompute| = {difference:.2e}, max |x| = {scale:.2e}")
-    return {"reuse_s": reuse_s, "recompute_s": recompute_s, "speedup": recompute_s / reuse_s,
-            "speedup_cpu": recompute_cpu / reuse_cpu}
+    figures = {"reuse_s": reuse_s, "recompute_s": recompute_s, "speedup": recompute_s / reuse_s,
+               "speedup_cpu": recompute_cpu / reuse_cpu, "max_abs_difference": difference, "max_abs_x": scale,
+               "runs_s": times, "runs_cpu_s": cpu_times}
+    write_report(args, NAME, recompute_s / reuse_s, "recomputation's wall time over graph reuse's (the speed-up)", figures)
+    return figures
 
 
 if __name__ == "__main__":
