@@ -11,7 +11,7 @@
 Every stage is the real entry script run under torchrun, so this is also a smoke test of the
 command lines. Everything goes to ``--out-dir`` (nothing else in the checkout is written).
 Rerunning after an interruption continues where it stopped: finished stages are skipped and an
-interrupted stage resumes from its checkpoint. ``bench/bissl_ablation.py`` builds on the same
+interrupted stage resumes from its checkpoint. ``experiments/bissl_ablation.py`` builds on the same
 stages.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 run-directory locks, atomic saves, finite checkpoints and clear messages (issue 10).
 
 The expensive part is one real 2-process BiSSL run killed after its 2nd checkpoint and rerun;
-everything else runs in-process or in short subprocesses. ``bench/fault_table.py`` repeats the
+everything else runs in-process or in short subprocesses. ``python -m tests.fault_table`` repeats the
 whole fault list (random kill -9 moments in every stage, a real full disk, ...) at larger scale.
 """
 from __future__ import annotations

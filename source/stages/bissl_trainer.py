@@ -65,7 +65,7 @@ class BilevelSettings:
     # share it across its upper steps (θ_P and ψ do not change during them, so H does not);
     # False rebuilds it in every upper step (the same x up to rounding; for benchmarks).
     share_hessian_graph: bool = True
-    # False: the ablation control (bench/bissl_ablation.py): the lower level alone, with θ_D
+    # False: the ablation control (experiments/bissl_ablation.py): the lower level alone, with θ_D
     # frozen at its start, so BiSSL can be compared with as many extra pretext steps.
     upper_level: bool = True
 
