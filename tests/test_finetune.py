@@ -27,6 +27,7 @@ from source.maths.models import build_backbone
 from source.run.checkpoint import WeightsError, save_atomic
 from source.stages.evaluation import evaluate
 from source.stages.finetune import STATUS_FAILED, STATUS_OK, cosine_to_zero_scheduler, fine_tune
+from source.stages.finetune_run import report
 from source.stages.hpo import ResultsFile, make_trial
 from tests.script_helpers import load_script
 
@@ -331,7 +332,7 @@ def test_report_lists_failed_trials_apart_from_the_table(tmp_path):
     diverged = {**ok, "trial": 1, "lr": 0.9, "best_val": None, "best_epoch": None, "final_val": None,
                 "test_final": None, "test_best": None, "status": "failed", "error": "non-finite training loss (nan)"}
     beyond = {**ok, "trial": 5}  # from an earlier, longer sweep: not part of this command
-    text = script.report(args, tmp_path, [ok, diverged, beyond], "top1")
+    text = report(args, tmp_path, [ok, diverged, beyond], "top1")
     assert "2 of 3 trials done, 1 failed" in text
     assert "HPO: 1 trials" in text and "Best: lr=0.01, wd=0.0001 (trial 0" in text
     assert "failed: trial 1 (lr 0.9, wd 0.0001): non-finite training loss (nan)" in text

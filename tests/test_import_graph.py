@@ -109,7 +109,7 @@ def entry_script_imports(graph: dict[str, set[str]]) -> list[str]:
 
 def test_the_project_has_no_import_cycle():
     graph, _ = import_graph(ROOT)
-    assert len(graph) > 30 and "source.stages.bissl_trainer" in graph["bissl"] | graph["source.stages.bissl_run"]
+    assert len(graph) > 30 and any(target.startswith("source.stages.") for target in graph["bissl"])  # edges were found
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 

@@ -16,6 +16,7 @@ from source.maths.models import Projector, build_backbone
 from source.run.checkpoint import WeightsError, load_weights
 from source.run.errors import EXIT_USER_ERROR, run_entry_point
 from source.stages.bissl_run import load_lower_model
+from source.stages.finetune_run import load_pretrained_backbone
 from source.tools import weights
 from tests.script_helpers import load_script
 
@@ -317,7 +318,7 @@ def test_fine_tuning_loads_a_ddp_backbone(tmp_path, backbone_state):
     script = load_script("fine-tuning.py")
     args = script.get_args_parser().parse_args(["--model-dir", str(tmp_path), "--pretrain-arch", ARCH,
                                                 "--pretrained-backbone-filename", "ddp_bb.pth"])
-    assert_same(script.load_pretrained_backbone(args), backbone_state)
+    assert_same(load_pretrained_backbone(args), backbone_state)
 
 
 def test_bissl_loads_the_original_codes_byol_backbone_and_head(tmp_path, backbone_state):
