@@ -225,6 +225,17 @@ class FinetuneConfig:
     save_model: int = opt(0, "1: write each trial's fine-tuned backbone and head.", (0, 1))
 
 
+# The paper's detection fine-tuning (Faster R-CNN R50-C4 on VOC07+12, read from the authors' NeurIPS-version
+# code): 50 epochs, global batch 16 (detection images are large and few fit a GPU), a random grid of 50 (lr, wd)
+# pairs, lr log-uniform in [1e-4, 1e-1], wd in [1e-6, 1e-2] (each quantised to its lower end, as the classification
+# grid). For a detection --dset they replace FinetuneConfig's classification values of the flags not given
+# (source.stages.detection_finetune.resolve_detection_defaults; num_runs for the HPO grid only).
+DETECTION_FINETUNE: dict[str, float | int] = {
+    "epochs": 50, "batch_size": 16, "num_runs": 50,
+    "hpo_lr_min": 1e-4, "hpo_lr_max": 1e-1, "hpo_wd_min": 1e-6, "hpo_wd_max": 1e-2,
+}
+
+
 @dataclass
 class ProbeConfig:
     """Quick check of a frozen backbone (``python -m source.tools.probe``): kNN and linear probe on its features."""
