@@ -208,6 +208,8 @@ def test_spec_command_lines_parse():
     assert (parsed[0].hpo_lr_min, parsed[0].hpo_lr_max, parsed[0].hpo_wd_min, parsed[0].hpo_wd_max) == (1e-4, 1.0, 1e-5, 1e-2)
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_process_hpo_sweep_runs_each_trial_once_and_a_rerun_runs_none(image_tree, model_dir, capsys):
     flags = script_flags(image_tree, model_dir, "--use-hpo", "1", "--num-runs", "3", "--epochs", "1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SCRIPT), *flags]
@@ -237,6 +239,8 @@ def test_two_process_hpo_sweep_runs_each_trial_once_and_a_rerun_runs_none(image_
     assert "3 of 3 trials done" in out and "HPO: 3 trials" in out
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_a_killed_sweep_reruns_only_the_unfinished_trials(image_tree, model_dir, capsys):
     num_runs = 5
     flags = script_flags(image_tree, model_dir, "--use-hpo", "1", "--num-runs", str(num_runs), "--epochs", "2")
