@@ -210,8 +210,7 @@ def train_detection_epoch(
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             losses = model(images, targets)
         loss = sum(losses[name].float() for name in LOSS_NAMES)
-        values = torch.stack([loss.detach(), *(losses[name].detach().float() for name in LOSS_NAMES)]).cpu()
-        values = all_reduce_mean_(values.to(device)).cpu().double() if world_size > 1 else values.double()
+        values = all_reduce_mean_(torch.stack([loss.detach(), *(losses[name].detach().float() for name in LOSS_NAMES)]).double()).cpu()
         lr = optimizer.param_groups[0]["lr"]
         if not torch.isfinite(values[0]):
             raise TrialDiverged(f"non-finite training loss ({values[0].item()}) at epoch {epoch}, step {steps + 1}, lr {lr:.4g}")
@@ -229,8 +228,11 @@ def train_detection_epoch(
     if steps == 0:
         raise ConfigError("the detection training loader produced no batch: the train split is smaller than one global batch")
     means = (sums / steps).tolist()
+    # Every rank reports the same numbers: images/s and the waiting share averaged over the ranks.
+    rates = throughput.overall("train/")
+    averaged = all_reduce_mean_(torch.tensor(list(rates.values()), dtype=torch.float64, device=device)).cpu()
     return {"train/loss": means[0], **{f"train/{name}": value for name, value in zip(LOSS_NAMES, means[1:])},
-            **throughput.overall("train/")}
+            **dict(zip(rates, averaged.tolist()))}
 
 
 def _copy_state(model: nn.Module) -> dict[str, Tensor]:

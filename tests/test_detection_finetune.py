@@ -1,0 +1,198 @@
+"""The detection fine-tuning trial (source/stages/detection_finetune.py) on a generated fmnistdet set
+(real FashionMNIST items on canvases, in the VOC layout) with a ResNet-18 detector at 64-96 px:
+training lowers the loss, the results row carries what the sweep and the comparison read, a trial
+stopped after an epoch and started again ends where an uninterrupted one does, and two gloo
+ranks end with identical weights."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+import config_default as cfg
+from source.data import voc_demo_setup
+from source.data.detection import build_detection_splits
+from source.maths.models import build_backbone
+from source.run.distributed import fingerprint
+from source.stages.detection_finetune import (
+    DETECTION_SCORE,
+    DetectorSettings,
+    build_detector,
+    fine_tune_detector,
+    resolve_detection_defaults,
+)
+from source.stages.finetune import STATUS_FAILED, STATUS_OK
+from source.stages.hpo import RESULT_KEYS, ResultsFile
+from source.tools.compare import load_run
+from tests.distributed_harness import run_in_processes
+
+FASHION_MNIST = Path(__file__).resolve().parents[1] / "data" / "FashionMNIST"
+# Small images and few sampled anchors / RoIs keep a CPU step well under a second.
+SETTINGS = DetectorSettings(arch="resnet18", min_size=64, max_size=96, extra={
+    "box_batch_size_per_image": 32, "rpn_batch_size_per_image": 64, "rpn_pre_nms_top_n_train": 200,
+    "rpn_post_nms_top_n_train": 100, "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50,
+})
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, as the other CPU tests on this shared machine; restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """fmnistdet with 16 VOC2007 images (4 train, 4 val, 8 test) and 8 VOC2012 (4 train, 4 val)."""
+    if not (FASHION_MNIST / "raw").is_dir():
+        pytest.skip("FashionMNIST is not in data/FashionMNIST/raw (python -m source.data.fashion_mnist_setup --data-dir data)")
+    folder = tmp_path_factory.mktemp("detft") / "data"
+    folder.mkdir()
+    (folder / "FashionMNIST").symlink_to(FASHION_MNIST, target_is_directory=True)
+    voc_demo_setup.build_fashion_mnist_detection(folder, num_images=16, num_images_2012=8, seed=2)
+    return folder
+
+
+def pretrained_backbone() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    backbone, _ = build_backbone("resnet18")
+    return backbone.state_dict()
+
+
+def new_detector(num_classes: int, init_seed: int = 1, distributed: bool = False) -> torch.nn.Module:
+    torch.manual_seed(init_seed)  # the heads' initialisation
+    return build_detector(pretrained_backbone(), num_classes, SETTINGS, CPU, distributed)
+
+
+def trial(model, splits, **kwargs):
+    options = {"num_classes": splits.num_classes, "lr": 0.01, "wd": 1e-4, "momentum": 0.9, "epochs": 2, "batch_size": 4,
+               "seed": 5, "device": CPU, **kwargs}
+    return fine_tune_detector(model, options.pop("train_set", splits.train), splits.val, splits.test, **options)
+
+
+@pytest.mark.slow
+def test_training_lowers_the_loss_and_the_row_holds_what_the_sweep_and_compare_read(data_dir, tmp_path):
+    splits = build_detection_splits("fmnistdet", data_dir, flip_probability=0.0)
+    fixed_batch = Subset(splits.train, range(4))  # one step per epoch, always on the same four images
+    result = trial(new_detector(splits.num_classes), splits, train_set=fixed_batch, epochs=5, lr=0.02)
+    assert result.status == STATUS_OK
+    losses = [metrics["train/loss"] for metrics in result.history]
+    assert len(losses) == 5 and losses[-1] < 0.8 * losses[0], losses
+    assert [metrics["epoch"] for metrics in result.history] == [1, 2, 3, 4, 5]
+    assert all(0.0 <= metrics["train/data_wait_frac"] <= 1.0 and metrics["train/images_per_s"] > 0 for metrics in result.history)
+
+    row = result.row()
+    best = max(result.history, key=lambda metrics: metrics["val/ap50"])
+    assert row["best_val"] == best["val/ap50"] and row["final_val"] == result.history[-1]["val/ap50"]
+    assert row["status"] == STATUS_OK and 0.0 <= row["test_final"] <= 100.0 and 0.0 <= row["test_best"] <= 100.0
+    for model in ("test_final", "test_best"):
+        assert {f"{model}_ap75", f"{model}_ap", f"{model}_ap50_original"} <= set(row)
+        assert row[f"{model}_ap"] <= row[model] + 1e-9  # AP over IoU 0.5:0.95 never exceeds AP50
+    assert 0.0 <= row["data_wait_frac"] <= 1.0
+
+    # The sweep adds the trial's identity; the results file and the comparison tool read the row.
+    run_dir = tmp_path / "run"
+    full = {"trial": 0, "seed": 5, "lr": 0.02, "wd": 1e-4, **row, "time_s": 1.0, "metric": DETECTION_SCORE}
+    assert set(RESULT_KEYS) <= set(full)
+    ResultsFile(run_dir / "results.jsonl").append(full)
+    (run_dir / "config.json").write_text(json.dumps({"dset": "fmnistdet", "use_hpo": 0}))
+    run = load_run(run_dir)
+    assert run.metric == "ap50" and run.scores("test_final") == {5: row["test_final"]}
+
+
+@pytest.mark.slow
+def test_a_trial_stopped_after_an_epoch_and_started_again_ends_as_an_uninterrupted_one(data_dir, tmp_path):
+    splits = build_detection_splits("fmnistdet", data_dir)  # with flips: their draws must repeat too
+    epochs = 3
+    finals = {}
+    uninterrupted = trial(new_detector(splits.num_classes), splits, epochs=epochs, checkpoint_path=tmp_path / "a.pth",
+                          on_final_model=lambda m: finals.setdefault("a", {k: v.clone() for k, v in m.state_dict().items()}))
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_epoch(metrics: dict) -> None:
+        if metrics["epoch"] == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        trial(new_detector(splits.num_classes), splits, epochs=epochs, checkpoint_path=tmp_path / "b.pth",
+              on_epoch=kill_after_first_epoch)
+    assert torch.load(tmp_path / "b.pth", weights_only=True)["epoch"] == 1
+    # A fresh process would start from other heads and another global RNG state: the checkpoint decides.
+    torch.manual_seed(1234)
+    resumed = trial(new_detector(splits.num_classes, init_seed=99), splits, epochs=epochs, checkpoint_path=tmp_path / "b.pth",
+                    on_final_model=lambda m: finals.setdefault("b", {k: v.clone() for k, v in m.state_dict().items()}))
+
+    assert resumed.status == uninterrupted.status == STATUS_OK
+    assert [m["epoch"] for m in resumed.history] == [1, 2, 3]
+    for key, value in finals["a"].items():
+        torch.testing.assert_close(finals["b"][key], value, rtol=0, atol=1e-6, msg=key)
+    for a, b in zip(uninterrupted.history, resumed.history):
+        for name in ("train/loss", "val/ap50", "val/ap"):
+            assert b[name] == pytest.approx(a[name], abs=1e-6), name
+    for name in ("best_val", "best_epoch", "final_val", "test_final", "test_best"):
+        assert resumed.row()[name] == pytest.approx(uninterrupted.row()[name], abs=1e-6), name
+    assert torch.load(tmp_path / "b.pth", weights_only=True)["epoch"] == epochs
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_trial_is_refused(data_dir, tmp_path):
+    splits = build_detection_splits("fmnistdet", data_dir, flip_probability=0.0)
+    one_step = Subset(splits.train, range(4))
+    trial(new_detector(splits.num_classes), splits, train_set=one_step, epochs=1, checkpoint_path=tmp_path / "c.pth")
+    with pytest.raises(Exception, match="another trial"):
+        trial(new_detector(splits.num_classes), splits, train_set=one_step, epochs=1, lr=0.05, checkpoint_path=tmp_path / "c.pth")
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_fails_the_trial_without_raising(data_dir):
+    splits = build_detection_splits("fmnistdet", data_dir, flip_probability=0.0)
+    model = new_detector(splits.num_classes)
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.weight.fill_(float("nan"))
+    result = trial(model, splits, train_set=Subset(splits.train, range(4)), epochs=2)
+    assert result.status == STATUS_FAILED and "non-finite training loss" in result.error and "epoch 1" in result.error
+    assert result.best_val is None and result.test_final is None and result.row()["status"] == "failed"
+
+
+def _two_rank_trial(rank: int, world_size: int, data_dir: Path) -> dict:
+    torch.set_num_threads(1)
+    splits = build_detection_splits("fmnistdet", data_dir)
+    model = new_detector(splits.num_classes, init_seed=1 + rank, distributed=True)  # DDP must make rank 0's heads everyone's
+    finals = []
+    result = trial(model, splits, epochs=2, on_final_model=lambda m: finals.append(fingerprint(m, include_buffers=True)))
+    return {"final": finals[0], "best": fingerprint(model, include_buffers=True), "row": result.row(),
+            "history": result.history}
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_gloo_ranks_end_with_identical_weights_and_scores(data_dir):
+    first, second = run_in_processes(_two_rank_trial, world_size=2, args=(data_dir,), timeout=600)
+    assert first["row"]["status"] == STATUS_OK
+    assert first["final"] == second["final"] and first["best"] == second["best"]
+    assert first["row"] == second["row"]
+    assert [m["train/loss"] for m in first["history"]] == [m["train/loss"] for m in second["history"]]
+
+
+def test_detection_datasets_get_the_papers_grid_unless_the_flag_was_given():
+    defaults = {**dataclasses.asdict(cfg.GeneralConfig()), **dataclasses.asdict(cfg.FinetuneConfig())}
+    args = Namespace(**{**defaults, "dset": "voc0712det", "use_hpo": 1, "epochs": 7})
+    changed = resolve_detection_defaults(args, defaults)
+    # lr min 1e-4 and wd max 1e-2 are the classification values too: nothing to change there.
+    assert changed == {"batch_size": 16, "num_runs": 50, "hpo_lr_max": 0.1, "hpo_wd_min": 1e-6}
+    assert args.epochs == 7 and args.batch_size == 16 and args.hpo_lr_max == 0.1 and args.hpo_wd_min == 1e-6
+    seeds = Namespace(**{**defaults, "dset": "fmnistdet", "use_hpo": 0, "num_runs": defaults["num_runs"]})
+    resolve_detection_defaults(seeds, defaults)
+    assert seeds.num_runs == defaults["num_runs"] and seeds.epochs == 50  # seed runs keep their count
+    pets = Namespace(**{**defaults, "dset": "pets"})
+    assert resolve_detection_defaults(pets, defaults) == {} and pets.epochs == defaults["epochs"]
