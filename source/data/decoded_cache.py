@@ -43,6 +43,7 @@ the others wait on the lock and map the result.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -69,6 +70,7 @@ from source.data.transforms import (
     ToNormalizedTensor,
     ToRGB,
 )
+from source.run.checkpoint import DiskFullError
 from source.run.errors import ConfigError, UserError
 
 logger = logging.getLogger(__name__)
@@ -82,8 +84,6 @@ DEFAULT_FOLDER_NAME = ".decoded_cache"
 NOT_SOURCE_FOLDERS = ("tv_splits",)
 # Images decoded to estimate a split's cached size before deciding to build it.
 ESTIMATE_SAMPLES = 64
-# How often a process waiting for another's build says so.
-WAIT_LOG_EVERY_S = 60.0
 MODES = ("auto", "on", "off")
 
 
@@ -347,6 +347,11 @@ def open_or_build(split: SplitSubset, prepare: Prepare, root: Path, dataset_name
             try:
                 _write(temporary, split, prepare, identity, files, num_workers)
                 os.replace(temporary, folder)
+            except OSError as error:
+                if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise DiskFullError(error.errno, f"the disk under {root} filled up while building the decoded-image cache "
+                                    f"{folder.name}; free space, pass --decode-cache-dir elsewhere, or --decode-cache off") from error
             finally:
                 shutil.rmtree(temporary, ignore_errors=True)
     cache = DecodedCache(folder)
