@@ -512,6 +512,7 @@ def test_hypergradient_matches_central_finite_differences():
     assert (_flat(upper_grads) - finite_difference).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_graph_reuse_equals_recompute_on_a_resnet():
     from torchvision.models import resnet18
 

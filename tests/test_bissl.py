@@ -92,6 +92,7 @@ def test_upper_gradient_composition_matches_formula(gamma, shared_graph):
         assert max(float((a - b).abs().max()) for a, b in zip(unscaled, captured["head"])) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["layerwise", "minres"])
 def test_shared_hessian_graph_equals_per_step_build(solver):
     """One Hessian graph per alternation gives the per-step build's models (θ_P, ψ fixed meanwhile)."""

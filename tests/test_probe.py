@@ -125,6 +125,7 @@ def test_two_processes_embed_each_sample_once_in_order():
         torch.testing.assert_close(running_mean, ranks[0][3])  # identical statistics on every rank
 
 
+@pytest.mark.slow
 def test_probe_command_end_to_end_with_cache(tmp_path, monkeypatch):
     data_dir = make_image_folder(tmp_path / "images", classes=3, per_class=10, size=16)
     model_dir = tmp_path / "models"

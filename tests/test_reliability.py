@@ -246,6 +246,7 @@ def pretrain_flags(images: Path, model_dir: Path, *extra: str) -> list[str]:
             "--warmup-epochs", "0", "--device", "cpu", "--num-workers", "0", "--model-dir", str(model_dir), *extra]
 
 
+@pytest.mark.slow
 def test_pretraining_rerun_with_other_flags_is_refused_and_resume_0_moves_the_run_aside(images, tmp_path):
     script = load_script("ssl_pre-training.py")
     script.main(script.get_args_parser().parse_args(pretrain_flags(images, tmp_path)))
@@ -267,6 +268,7 @@ def test_pretraining_rerun_with_other_flags_is_refused_and_resume_0_moves_the_ru
     assert torch.load(run_dir / "checkpoint.pth", weights_only=True)["args"]["lr"] == 0.1
 
 
+@pytest.mark.slow
 def test_finetuning_refuses_other_settings_and_another_backbone_and_fails_when_every_trial_fails(images, tmp_path):
     torch.manual_seed(0)
     backbone, _ = build_backbone("resnet18", cifar_stem=True)
