@@ -53,7 +53,9 @@ logger = logging.getLogger("fine-tuning")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    return build_parser(__doc__, [(cfg.GeneralConfig, "general"), (cfg.FinetuneConfig, "fine-tuning")])
+    # Trials log once per epoch, so --log-every (a step count) is not offered.
+    return build_parser(__doc__, [(cfg.GeneralConfig, "general"), (cfg.FinetuneConfig, "fine-tuning")],
+                        exclude=("log_every",))
 
 
 def main(args: argparse.Namespace) -> None:
