@@ -26,7 +26,13 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 setup: $(VENV)/.installed
 
-data: setup
+# The four raw FashionMNIST files; the set-up script runs only when one is missing (it imports
+# torch, seconds that `make test-fast` need not spend every time).
+FASHION_MNIST := $(addprefix $(DATA_DIR)/FashionMNIST/raw/,train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte)
+
+data: setup $(FASHION_MNIST)
+
+$(FASHION_MNIST) &: | setup
 	$(PY) -m source.data.fashion_mnist_setup --data-dir $(DATA_DIR)
 
 demo: data
