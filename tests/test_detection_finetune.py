@@ -18,7 +18,7 @@ import config_default as cfg
 from source.data import voc_demo_setup
 from source.data.detection import build_detection_splits
 from source.maths.models import build_backbone
-from source.run.distributed import fingerprint
+from source.run.distributed import DistEnv, fingerprint
 from source.stages.detection_finetune import (
     DETECTION_SCORE,
     DetectorSettings,
@@ -26,6 +26,7 @@ from source.stages.detection_finetune import (
     fine_tune_detector,
     resolve_detection_defaults,
 )
+from source.stages.detection_finetune_run import load_detection_data, run_detection_sweep, trial_checkpoint_path
 from source.stages.finetune import STATUS_FAILED, STATUS_OK
 from source.stages.hpo import RESULT_KEYS, ResultsFile
 from source.tools.compare import load_run
@@ -196,3 +197,30 @@ def test_detection_datasets_get_the_papers_grid_unless_the_flag_was_given():
     assert seeds.num_runs == defaults["num_runs"] and seeds.epochs == 50  # seed runs keep their count
     pets = Namespace(**{**defaults, "dset": "pets"})
     assert resolve_detection_defaults(pets, defaults) == {} and pets.epochs == defaults["epochs"]
+
+
+@pytest.mark.slow
+def test_the_sweep_runs_each_trial_once_and_a_rerun_runs_none(data_dir, tmp_path):
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    torch.save(pretrained_backbone(), model_dir / "bb.pth")
+    defaults = {**dataclasses.asdict(cfg.GeneralConfig()), **dataclasses.asdict(cfg.FinetuneConfig())}
+    args = Namespace(**{**defaults, "dset": "fmnistdet", "data_dir": str(data_dir), "model_dir": str(model_dir),
+                        "pretrained_backbone_filename": "bb.pth", "pretrain_arch": "resnet18", "epochs": 1,
+                        "batch_size": 4, "num_runs": 2, "use_hpo": 1, "num_workers": 0, "max_train_samples": 4,
+                        "max_eval_samples": 4})
+    resolve_detection_defaults(args, defaults)  # the paper's grid ranges; epochs, batch and trials as given
+    assert (args.epochs, args.batch_size, args.num_runs, args.hpo_lr_max) == (1, 4, 2, 0.1)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=CPU)
+    run_dir = tmp_path / "run"
+    results = ResultsFile(run_dir / "results.jsonl")
+    data = load_detection_data(args)
+    assert (len(data.train_set), len(data.val_set), len(data.test_set)) == (4, 4, 4)
+    run_detection_sweep(args, env, results, run_dir, pretrained_backbone(), data, None, SETTINGS)
+    rows = results.rows()
+    assert [row["trial"] for row in rows] == [0, 1] and all(row["metric"] == "ap50" for row in rows)
+    assert all(1e-4 <= row["lr"] <= 0.1 and 1e-6 <= row["wd"] <= 1e-2 for row in rows)
+    assert not any(trial_checkpoint_path(run_dir, index).exists() for index in (0, 1))  # removed with the row
+    assert (run_dir / "trials" / "trial-0000" / "metrics.jsonl").is_file()
+    run_detection_sweep(args, env, results, run_dir, pretrained_backbone(), data, None, SETTINGS)
+    assert results.rows() == rows

@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from source.run.distributed import all_reduce_sum_, gather_no_grad, gather_uneven, get_rank, get_world_size
 
-# Display names of the main score of each kind of dataset (the keys of :func:`evaluate`'s result).
-METRIC_LABELS = {"top1": "top-1 (%)", "map": "mAP (%)"}
+# Display names of the main score of each kind of dataset (the keys of :func:`evaluate`'s result; ap50: VOC
+# detection AP50, source.stages.detection_evaluation.evaluate_detector x 100).
+METRIC_LABELS = {"top1": "top-1 (%)", "map": "mAP (%)", "ap50": "AP50 (%)"}
 
 
 def topk_correct(logits: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5)) -> Tensor:
