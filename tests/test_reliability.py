@@ -56,7 +56,7 @@ INVALID = {
     "bissl.py": [("--epochs", "0"), ("--lower-num-iter", "0"), ("--upper-num-iter", "0"), ("--d-lr", "-0.1"),
                  ("--p-lr", "nan"), ("--cg-iter-num", "-1"), ("--lam", "-0.001"), ("--d-batch-size", "0"),
                  ("--p-batch-size", "0"), ("--d-linear-warmup-epochs", "-1"), ("--grad-clip", "0"),
-                 ("--val-fraction", "1"), ("--log-every", "0")],
+                 ("--val-fraction", "1"), ("--prefetch-factor", "0")],  # (no --log-every: it logs per alternation)
     "fine-tuning.py": [("--epochs", "0"), ("--num-runs", "0"), ("--lr", "0"), ("--batch-size", "0"),
                        ("--hpo-lr-min", "0"), ("--hpo-wd-max", "-1"), ("--seed", "-7")],
 }
