@@ -102,6 +102,56 @@ def test_every_entry_point_runs_through_the_wrapper():
         assert main_block.search(path.read_text()).group(1).strip() == "run_entry_point(main, get_args_parser())", path
 
 
+# --- cross-flag constraints, at parse time -----------------------------------------------
+
+
+def parse_error(parser: argparse.ArgumentParser, argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(argv)
+    assert exit_info.value.code == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_curvature_probes_need_lanczos_steps_and_batches(capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    bissl = load_script("bissl.py").get_args_parser()
+    assert bissl.parse_args(["--curvature-iters", "0"]).curvature_iters == 0  # no probe: allowed
+    assert "--curvature-iters must be >= 1 when the curvature is probed (--curvature-every 3), got 0" in parse_error(
+        bissl, ["--curvature-every", "3", "--curvature-iters", "0"], capsys)
+    from source.tools import curvature
+
+    tool = curvature.get_args_parser()
+    assert "--curvature-iters must be >= 1 when the curvature is probed (the curvature tool), got 0" in parse_error(
+        tool, ["--curvature-iters", "0"], capsys)
+    assert "--probe-batches must be >= 1, got 0" in parse_error(tool, ["--probe-batches", "0"], capsys)
+
+
+def test_global_batches_must_split_over_the_launched_ranks(capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    bissl = load_script("bissl.py").get_args_parser()
+    err = parse_error(bissl, ["--p-batch-size", "9", "--d-batch-size", "6"], capsys)
+    assert "--p-batch-size 9 is the GLOBAL batch size and must be a positive multiple of the world size 2" in err
+    assert "--d-batch-size" not in err
+    pretrain = load_script("ssl_pre-training.py").get_args_parser()
+    assert "--batch-size 7 is the GLOBAL" in parse_error(pretrain, ["--batch-size", "7"], capsys)
+    # fine-tuning's batch is one trial's (one trial per process): any size
+    assert load_script("fine-tuning.py").get_args_parser().parse_args(["--batch-size", "7"]).batch_size == 7
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert pretrain.parse_args(["--batch-size", "7"]).batch_size == 7
+
+
+def test_world_size_flag_must_match_the_processes_started(monkeypatch):
+    from source.run.runtime import start
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = load_script("ssl_pre-training.py").get_args_parser().parse_args(["--world-size", "4", "--device", "cpu"])
+    with pytest.raises(ConfigError, match="--world-size 4, but 1 process"):
+        start(args)
+
+
 # --- through the real scripts ------------------------------------------------------------
 
 
