@@ -9,6 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
+from source.run.errors import ConfigError  # a malformed --arch/--mlp reaches the user as one error line
+
 ARCHS = ("resnet18", "resnet50")
 
 
@@ -25,7 +27,7 @@ def build_backbone(arch: str, cifar_stem: bool = False, zero_init_residual: bool
     scratch sees it: loaded weights overwrite it.
     """
     if arch not in ARCHS:
-        raise ValueError(f"unknown --arch {arch!r}; valid: {ARCHS}")
+        raise ConfigError(f"unknown --arch {arch!r}; valid: {ARCHS}")
     model = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
     feat_dim = model.fc.in_features
     model.fc = nn.Identity()
@@ -40,9 +42,9 @@ def parse_mlp(mlp: str) -> list[int]:
     try:
         widths = [int(part) for part in mlp.split("-")]
     except ValueError:
-        raise ValueError(f"--mlp {mlp!r} must be dash-separated integers such as '256-256-256'") from None
+        raise ConfigError(f"--mlp {mlp!r} must be dash-separated integers such as '256-256-256'") from None
     if not widths or min(widths) <= 0:
-        raise ValueError(f"--mlp {mlp!r} must contain positive widths")
+        raise ConfigError(f"--mlp {mlp!r} must contain positive widths")
     return widths
 
 
