@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from source.run.errors import EXIT_USER_ERROR, CommandLineParser, ConfigError, UserError, add_debug_argument, run_entry_point
+from source.run.errors import (
+    EXIT_USER_ERROR,
+    CommandLineParser,
+    ConfigError,
+    MissingInputError,
+    UserError,
+    add_debug_argument,
+    run_entry_point,
+)
 from source.run.runtime import RunDirLock
 from tests.script_helpers import ROOT, command, load_script, make_image_folder, script_env
 
@@ -80,15 +88,17 @@ def test_unexpected_errors_keep_their_traceback_and_a_returned_status_is_the_exi
 def test_the_exception_classes_users_can_fix_are_user_errors_and_keep_their_old_base():
     from source.data.datasets import DatasetNotFoundError
     from source.run.checkpoint import CheckpointError, DiskFullError, DivergedStateError
-    from source.run.runtime import RunDirBusyError, RunSettingsError
+    from source.run.runtime import NotWritableError, RunDirBusyError, RunSettingsError
     from source.run.state_dict import WeightsError
+    from source.run.tracking import WandbSetupError
     from source.stages.engine import NonFiniteLossError
     from source.tools.weights import FetchError
 
     for cls, old_base in [(DatasetNotFoundError, FileNotFoundError), (CheckpointError, RuntimeError),
                           (DiskFullError, OSError), (DivergedStateError, RuntimeError), (RunDirBusyError, RuntimeError),
                           (RunSettingsError, ValueError), (WeightsError, RuntimeError), (NonFiniteLossError, RuntimeError),
-                          (FetchError, RuntimeError), (ConfigError, ValueError)]:
+                          (FetchError, RuntimeError), (ConfigError, ValueError), (NotWritableError, PermissionError),
+                          (WandbSetupError, RuntimeError), (MissingInputError, FileNotFoundError)]:
         assert issubclass(cls, UserError) and issubclass(cls, old_base), cls
 
 

@@ -100,6 +100,10 @@ class RunDirBusyError(UserError, RuntimeError):
     """Another live run holds the run directory's lock."""
 
 
+class NotWritableError(UserError, PermissionError):
+    """A folder the run must write to (``--model-dir``, the run directory) refuses new files."""
+
+
 def changed_settings(
     saved: dict[str, Any], args: argparse.Namespace, parser: argparse.ArgumentParser,
     may_change: Iterable[str] = (), saved_inputs: dict[str, str] | None = None, inputs: dict[str, str] | None = None,
@@ -228,7 +232,7 @@ def check_writable(folder: Path, flag: str) -> None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass
     except OSError as error:
-        raise PermissionError(f"{flag} {folder} is not writable ({error.strerror or error}); the results could not be "
+        raise NotWritableError(f"{flag} {folder} is not writable ({error.strerror or error}); the results could not be "
                               f"saved there at the end. Fix its permissions or pass another {flag}.") from error
 
 
@@ -256,8 +260,10 @@ def open_run_dir(
         except (OSError, RunDirBusyError) as error:
             failure = error
     message = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
-    if failure is not None:
+    if isinstance(failure, UserError):
         raise failure
+    if failure is not None:  # the folder cannot be created, locked or cleaned: permissions, a full disk
+        raise NotWritableError(f"cannot take hold of the run directory {run_dir}: {failure}") from failure
     if message is not None:
         # Rank 0 reports the error itself; this rank stops with it (silently: not rank 0).
         raise UserError(f"rank 0 could not open the run directory: {message}")
