@@ -116,3 +116,49 @@ def test_the_recording_namespace_records_reads_and_the_check_fails_on_an_unread_
     with pytest.raises(AssertionError, match="parses flags it never reads"):
         check("toy", {"used", "dead"}, read)
     check("toy", {"used", "debug"}, read)
+
+
+# --- the flags that used to be parsed and ignored act -------------------------------------
+
+
+def test_channels_last_reaches_the_probe_and_fine_tuning_inputs_and_changes_no_result():
+    """--channels-last: the batches reach the backbone in NHWC and the features/loss are the same."""
+    from torch.utils.data import TensorDataset
+
+    from source.stages.evaluation import sharded_eval_loader
+    from source.stages.finetune import fine_tune
+    from source.tools.probe import extract_features
+
+    torch.manual_seed(0)
+    backbone, _ = build_backbone("resnet18")
+    images = torch.randn(6, 3, 16, 16)
+    loader = sharded_eval_loader(TensorDataset(images, torch.tensor([0, 1, 0, 1, 0, 1])), 3)
+    layouts_seen = []
+    hook = backbone.conv1.register_forward_pre_hook(
+        lambda module, inputs: layouts_seen.append(inputs[0].is_contiguous(memory_format=torch.channels_last)))
+    plain, _ = extract_features(backbone, loader, torch.device("cpu"))
+    assert layouts_seen == [False, False]
+    nhwc, _ = extract_features(backbone.to(memory_format=torch.channels_last), loader, torch.device("cpu"),
+                               layout=torch.channels_last)
+    assert layouts_seen[2:] == [True, True]
+    torch.testing.assert_close(nhwc, plain, rtol=1e-4, atol=1e-5)
+
+    layouts_seen.clear()
+    model = torch.nn.Sequential(backbone, torch.nn.Linear(512, 2))
+    result = fine_tune(model, loader, loader, loader, lr=0.0, wd=0.0, momentum=0.0, epochs=1, device=torch.device("cpu"),
+                       amp_dtype=None, multilabel=False, layout=torch.channels_last)
+    hook.remove()
+    assert result.status == "ok" and layouts_seen and all(layouts_seen)  # train, val and test batches
+
+
+def test_prefetch_factor_reaches_the_loaders_with_workers():
+    from torch.utils.data import TensorDataset
+
+    from source.stages.evaluation import sharded_eval_loader
+    from source.stages.finetune_run import eval_loader
+
+    dataset = TensorDataset(torch.zeros(4, 1))
+    assert sharded_eval_loader(dataset, 2, num_workers=1, prefetch_factor=5).prefetch_factor == 5
+    assert sharded_eval_loader(dataset, 2, num_workers=0, prefetch_factor=5).prefetch_factor is None  # no workers
+    args = argparse.Namespace(batch_size=2, num_workers=2, prefetch_factor=7)
+    assert eval_loader(dataset, args, torch.device("cpu"), persistent=False).prefetch_factor == 7
