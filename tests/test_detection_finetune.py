@@ -143,6 +143,11 @@ def test_a_trial_stopped_after_an_epoch_and_started_again_ends_as_an_uninterrupt
     for name in ("best_val", "best_epoch", "final_val", "test_final", "test_best"):
         assert resumed.row()[name] == pytest.approx(uninterrupted.row()[name], abs=1e-6), name
     assert torch.load(tmp_path / "b.pth", weights_only=True)["epoch"] == epochs
+    # Killed after the last epoch but before its row was written: started again, it only scores.
+    again = trial(new_detector(splits.num_classes, init_seed=7), splits, epochs=epochs, checkpoint_path=tmp_path / "b.pth")
+    assert again.history == resumed.history
+    for name in ("best_val", "final_val", "test_final", "test_best", "test_final_ap75", "test_best_ap"):
+        assert again.row()[name] == pytest.approx(resumed.row()[name], abs=1e-6), name
 
 
 @pytest.mark.slow
