@@ -315,7 +315,7 @@ def fine_tune_detector(
                 raise TrialDiverged(f"diverged weights after epoch {epoch}: {'; '.join(problems[:3])}")
             val_scores = _percent(evaluate_detector(model, val_loader, device, num_classes, autocast=autocast))
             metrics = {"epoch": epoch, **train_metrics, "train/lr": lr_at_start,
-                       **{f"val/{key}": value for key, value in val_scores.items()}, **peak_memory_metrics(device, "train/")}
+                       **{f"val/{key}": value for key, value in val_scores.items()}, **peak_memory_metrics(device, "epoch/")}
             result.history.append(metrics)
             result.throughput = {"images_per_s": train_metrics["train/images_per_s"],
                                  "data_wait_frac": train_metrics["train/data_wait_frac"]}
