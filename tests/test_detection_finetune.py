@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -32,7 +36,8 @@ from source.stages.hpo import RESULT_KEYS, ResultsFile
 from source.tools.compare import load_run
 from tests.distributed_harness import run_in_processes
 
-FASHION_MNIST = Path(__file__).resolve().parents[1] / "data" / "FashionMNIST"
+ROOT = Path(__file__).resolve().parents[1]
+FASHION_MNIST = ROOT / "data" / "FashionMNIST"
 # Small images and few sampled anchors / RoIs keep a CPU step well under a second.
 SETTINGS = DetectorSettings(arch="resnet18", min_size=64, max_size=96, extra={
     "box_batch_size_per_image": 32, "rpn_batch_size_per_image": 64, "rpn_pre_nms_top_n_train": 200,
@@ -229,3 +234,55 @@ def test_the_sweep_runs_each_trial_once_and_a_rerun_runs_none(data_dir, tmp_path
     assert (run_dir / "trials" / "trial-0000" / "metrics.jsonl").is_file()
     run_detection_sweep(args, env, results, run_dir, pretrained_backbone(), data, None, SETTINGS)
     assert results.rows() == rows
+
+
+# A trial in a process of its own (argv: the heads' init seed), printing "epoch <n>" after each epoch's
+# checkpoint; it writes its final weights to <out>.pth and its results row to <out>.row.
+def _trial_process(data_dir: Path, checkpoint: Path, out: Path) -> list[str]:
+    code = (
+        "import sys, torch\n"
+        "from source.data.detection import build_detection_splits\n"
+        "from source.stages.detection_finetune import DetectorSettings, build_detector, fine_tune_detector\n"
+        "from source.maths.models import build_backbone\n"
+        "torch.set_num_threads(1)\n"
+        f"settings = DetectorSettings(arch='resnet18', min_size=64, max_size=96, extra={dict(SETTINGS.extra)!r})\n"
+        f"splits = build_detection_splits('fmnistdet', {str(data_dir)!r})\n"
+        "torch.manual_seed(0)\n"
+        "pretrained = build_backbone('resnet18')[0].state_dict()\n"
+        "torch.manual_seed(int(sys.argv[1]))\n"
+        "model = build_detector(pretrained, splits.num_classes, settings, torch.device('cpu'), False)\n"
+        "result = fine_tune_detector(model, splits.train, splits.val, splits.test, num_classes=splits.num_classes, lr=0.01,\n"
+        "    wd=1e-4, momentum=0.9, epochs=3, batch_size=4, seed=5, device=torch.device('cpu'),\n"
+        f"    checkpoint_path={str(checkpoint)!r}, on_epoch=lambda m: print('epoch', m['epoch'], flush=True),\n"
+        f"    on_final_model=lambda m: torch.save(m.state_dict(), {str(out) + '.pth'!r}))\n"
+        f"torch.save(result.row(), {str(out) + '.row'!r})\n"
+    )
+    return [sys.executable, "-c", code]
+
+
+@pytest.mark.slow
+def test_a_trial_killed_with_sigkill_and_started_again_ends_as_an_uninterrupted_one(data_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    reference = subprocess.run(_trial_process(data_dir, tmp_path / "a.ckpt", tmp_path / "a") + ["1"], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    killed = subprocess.Popen(_trial_process(data_dir, tmp_path / "b.ckpt", tmp_path / "b") + ["1"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert killed.stdout.readline().split() == ["epoch", "1"]
+    finally:
+        os.kill(killed.pid, signal.SIGKILL)  # during epoch 2, as a node failure would
+        killed.wait()
+    assert torch.load(tmp_path / "b.ckpt", weights_only=True)["epoch"] == 1 and not (tmp_path / "b.row").exists()
+    resumed = subprocess.run(_trial_process(data_dir, tmp_path / "b.ckpt", tmp_path / "b") + ["99"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.split() == ["epoch", "2", "epoch", "3"]  # epoch 1 was not trained again
+
+    final_a, final_b = (torch.load(tmp_path / f"{name}.pth", weights_only=True) for name in "ab")
+    for key, value in final_a.items():
+        torch.testing.assert_close(final_b[key], value, rtol=0, atol=1e-6, msg=key)
+    row_a, row_b = (torch.load(tmp_path / f"{name}.row", weights_only=True) for name in "ab")
+    for name in ("best_val", "best_epoch", "final_val", "test_final", "test_best", "test_final_ap75", "test_final_ap"):
+        assert row_b[name] == pytest.approx(row_a[name], abs=1e-6), name
