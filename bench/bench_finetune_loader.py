@@ -40,7 +40,7 @@ from source.data.loader import SeededDataset, sample_seed
 from source.data.splits import SplitSubset
 from source.data.transforms import downstream_train_transform, downstream_train_view
 
-NAME = "bench_finetune_loader"
+NAME = "finetune_loader"
 CLASSES = 2  # folders of the generated tree (labels are served but do not matter here)
 
 
