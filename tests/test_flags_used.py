@@ -89,6 +89,12 @@ RUNS: dict[str, Callable[[Path, Path, Path], list[list[str]]]] = {
          "--batch-size", "8", "--epochs", "1", "--num-runs", "1", "--use-hpo", hpo, *general(images, tmp / f"hpo{hpo}"),
          "--num-workers", hpo]  # --prefetch-factor is read for loaders with workers
         for hpo in ("0", "1")],
+    "source/tools/curvature.py": lambda images, models, tmp: [
+        ["--p-dset", "imagefolder", "--p-pretext-type", kind, "--arch", "resnet18", "--img-size", "16", "--p-mlp", "32-16",
+         "--model-dir", str(models), "--p-pretrained-backbone-filename", f"pretext_{kind}_arch-resnet18_bb.pth",
+         "--p-pretrained-proj-filename", f"pretext_{kind}_arch-resnet18_proj.pth", "--p-batch-size", "4",
+         "--probe-batches", "1", "--curvature-iters", "2", "--probe-out", str(tmp / kind),
+         *general(images, tmp / "unused")[:-2]] for kind in ("simclr", "byol")],
     "source/tools/probe.py": lambda images, models, tmp: [
         ["--dset", "imagefolder", "--model-dir", str(models), "--backbone-filename", "pretext_simclr_arch-resnet18_bb.pth",
          "--arch", "resnet18", "--img-size", "16", "--batch-size", "8", "--linear-max-iter", "5",

@@ -49,9 +49,21 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 
 
+# bissl.py's flags that say how to train, log or save: the probe only loads the lower model, draws
+# pretext batches and runs Lanczos in float32, so it does not offer them.
+NOT_PROBE_FLAGS = (
+    "amp", "channels_last", "prefetch_factor", "resume", "run_dir", "log_every", "wandb_project", "wandb_mode",
+    "save_model", "epochs", "curvature_every", "cg_iter_num", "cg_solver", "cg_verbose", "grad_clip", "upper_level",
+    "lower_num_iter", "upper_num_iter", "upper_steps_whole_passes", "upper_plain_grad_scale", "lower_warmup_alternations",
+    "p_lr", "p_wd", "p_momentum", "p_optimizer", "p_lars_exclude_bias_bn", "p_ma_decay", "p_ma_use_scheduler",
+    "d_dset", "d_batch_size", "d_lr", "d_wd", "d_momentum", "d_optimizer", "d_linear_warmup_epochs", "d_linear_warmup_lr",
+    "d_linear_warmup_update_bn", "d_max_train_samples", "max_eval_samples", "multilabel_loss", "val_fraction",
+)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     # bissl.py's flag groups, so the model and data flags mean exactly what they mean there.
-    parser = build_parser(__doc__, [(cfg.GeneralConfig, "general"), (cfg.BisslConfig, "BiSSL")])
+    parser = build_parser(__doc__, [(cfg.GeneralConfig, "general"), (cfg.BisslConfig, "BiSSL")], exclude=NOT_PROBE_FLAGS)
     group = parser.add_argument_group("curvature probe")
     group.add_argument("--probe-batches", type=int, default=3, help="pretext batches to probe, one Lanczos run each")
     group.add_argument("--probe-checkpoint", default="",
