@@ -63,7 +63,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-size", type=int, default=DEFAULT_MIN_SIZE, help="short side after the resize (paper: 196)")
     parser.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE, help="long-side cap (paper: 320)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per model, after one warm-up each")
-    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="holds FashionMNIST/raw")
+    parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[1] / "data",
+                        help="holds FashionMNIST/raw (default: the repository's data/)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="ResNet-18, 1 image at 64-96 px, 1 repeat: only checks that the bench runs")
     add_json_argument(parser, NAME)
