@@ -113,6 +113,9 @@ def resolve_detection_defaults(args: argparse.Namespace, defaults: Mapping[str, 
         if getattr(args, name) == defaults[name] and defaults[name] != value:
             setattr(args, name, value)
             changed[name] = value
+    if changed:
+        logger.info("%s is a detection dataset: the paper's detection fine-tuning settings for the flags not given: %s",
+                    args.dset, ", ".join(f"--{name.replace('_', '-')} {value:g}" for name, value in changed.items()))
     return changed
 
 
