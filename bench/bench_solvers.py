@@ -63,8 +63,8 @@ from source.stages.pretext import SimCLR
 
 NAME = "solvers"
 
-QUICK = dict(pretrain_steps=2, hessian_batch=4, upper_batch=8, max_iters=3, probe_iters=4, num_rhs=1, upper_steps=2,
-             match_k=2)
+QUICK = dict(pretrain_steps=2, pretrain_batch=16, img_size=16, hessian_batch=4, upper_batch=8, max_iters=3, probe_iters=4,
+             num_rhs=1, upper_steps=2, match_k=2)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
