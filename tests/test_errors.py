@@ -4,6 +4,7 @@ processes; ``--debug`` / ``BISSL_DEBUG=1`` show the traceback; unexpected errors
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from source.run.errors import (
     run_entry_point,
 )
 from source.run.runtime import RunDirLock
+from tests.distributed_harness import free_port
 from tests.script_helpers import ROOT, command, load_script, make_image_folder, script_env
 
 # --- the wrapper, in this process ------------------------------------------------------------
@@ -62,6 +64,16 @@ def test_only_rank_0_prints_and_every_rank_exits_2(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         run_entry_point(failing(UserError("unreached")), parser(), ["--value", "x"])
     assert capsys.readouterr().err == "error: argument --value: invalid int value: 'x' (see tool --help)\n"
+
+
+def test_every_rank_leaves_its_message_for_torchruns_summary(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    with pytest.raises(SystemExit):
+        run_entry_point(failing(UserError("only this node lacks the data")), parser(), [])
+    assert capsys.readouterr().err == ""
+    record = json.loads((tmp_path / "error.json").read_text())["message"]
+    assert record["message"] == record["extraInfo"]["py_callstack"] == "only this node lacks the data"
 
 
 @pytest.mark.parametrize("switch", ["flag", "environment"])
@@ -307,6 +319,33 @@ def test_tools_report_user_errors_on_one_line(images, tmp_path):
     assert_one_error_line(result, "backbone weights not found", 1)
     result = run(tool("source.tools.probe", "--log-every", "5"))  # no longer offered: the probe logs no steps
     assert_one_error_line(result, "unrecognized arguments: --log-every 5", 1)
+
+
+RANK_1_FAILS = """
+import os
+from source.run.errors import CommandLineParser, UserError, run_entry_point
+
+
+def main(args):
+    if os.environ["RANK"] == "1":
+        raise UserError("only rank 1 lacks its input")
+
+
+run_entry_point(main, CommandLineParser())
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_an_error_of_another_rank_than_0_shows_in_torchruns_summary(tmp_path):
+    script = tmp_path / "rank_1_fails.py"
+    script.write_text(RANK_1_FAILS)
+    result = run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                  str(free_port()), str(script)])
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "traceback : only rank 1 lacks its input" in output, output[-3000:]
+    assert not [line for line in output.splitlines() if line.startswith("error:")]  # rank 1 itself stays silent
+    assert own_traceback_frames(output) == []
 
 
 @pytest.mark.multiprocess

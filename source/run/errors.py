@@ -11,7 +11,9 @@ which parses the command line, runs ``main(args)`` and, on a :class:`UserError`,
 ``error: <message>`` to stderr and exits with status :data:`EXIT_USER_ERROR` (2, the status
 argparse uses for a bad command line: in both cases the user has something to change). Under
 torchrun only rank 0 prints; the other ranks exit with the same status silently. Any other
-exception is a bug and keeps its full traceback (exit status 1, Python's own).
+exception is a bug and keeps its full traceback (exit status 1, Python's own). Under torchrun
+every rank also leaves its message in the error file torchrun names (``TORCHELASTIC_ERROR_FILE``),
+so torchrun's failure summary shows it, also for an error that only a rank other than 0 met.
 
 ``--debug`` (a flag on every parser) or ``BISSL_DEBUG=1`` in the environment re-raises user errors
 too, so their traceback shows where they came from.
@@ -19,8 +21,10 @@ too, so their traceback shows where they came from.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 import typing
 from collections.abc import Callable
 
@@ -80,9 +84,25 @@ def _release_process_group() -> None:
             pass
 
 
+def _record_for_torchrun(message: str) -> None:
+    """Leave ``message`` in this worker's torchrun error file, in the format of torch's
+    ``ErrorHandler.record_exception`` with the message where it puts the traceback (its failure
+    summary shows that field); nothing outside torchrun."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    record = {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}
+    try:
+        with open(path, "w") as handle:
+            json.dump({"message": record}, handle)
+    except OSError:  # the summary then says "<N/A>", as before
+        pass
+
+
 def report_user_error(message: str) -> typing.NoReturn:
     """Print ``error: <message>`` to stderr (rank 0 only) and exit with :data:`EXIT_USER_ERROR`."""
     _release_process_group()
+    _record_for_torchrun(message)
     if _is_rank_zero():
         print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
