@@ -14,24 +14,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import typing
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from source.run.distributed import launched_world_size
 from source.run.errors import CommandLineParser, add_debug_argument
 
 # Bounds of a number flag whose field declares none.
 DEFAULT_BOUNDS = {"at_least": 0}
-
-
-def launched_world_size() -> int:
-    """The number of processes torchrun (``WORLD_SIZE``) or Slurm (``SLURM_NTASKS``) started, 1 for
-    a plain ``python`` run: known before parsing, unlike the process group, which comes later."""
-    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(name, "").strip():
-            return int(os.environ[name])
-    return 1
 
 
 def _flag_type(annotation: Any) -> type:

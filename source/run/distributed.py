@@ -63,6 +63,12 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
+def launched_world_size() -> int:
+    """The number of processes torchrun (``WORLD_SIZE``) or Slurm (``SLURM_NTASKS``) started, 1 for
+    a plain ``python`` run; readable before the process group exists (the parser checks with it)."""
+    return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+
+
 def init_distributed(device: str = "auto", dist_url: str = "env://", timeout_minutes: int = 30) -> DistEnv:
     """Initialise the process group if launched by torchrun or Slurm; otherwise run alone.
 
@@ -71,7 +77,7 @@ def init_distributed(device: str = "auto", dist_url: str = "env://", timeout_min
     must be given by ``MASTER_ADDR``/``MASTER_PORT`` or ``--dist-url tcp://host:port``.
     """
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
-    world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    world_size = launched_world_size()
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
     torch_device = resolve_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
