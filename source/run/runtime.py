@@ -18,6 +18,7 @@ from source.data.loader import resolve_num_workers
 from source.run.checkpoint import sweep_temporaries
 from source.run.distributed import DistEnv, broadcast_object, init_distributed, seed_everything
 from source.run.errors import ConfigError, UserError
+from source.run.signals import STOP, watch_launcher
 from source.run.tracking import setup_logging
 
 try:  # POSIX; elsewhere runs go unlocked
@@ -35,6 +36,9 @@ def start(args: argparse.Namespace) -> DistEnv:
     than -1 must match it), set up rank-0
     logging, resolve ``--num-workers -1`` (auto) and seed ``random``/numpy/torch with
     ``args.seed + rank``."""
+    watch_launcher()  # under torchrun: die with the launcher (before a rendezvous that would wait for it)
+    # Before any DataLoader worker is forked: the workers inherit the handler, which leaves them to their rank.
+    STOP.install([Path(args.model_dir)] if getattr(args, "model_dir", None) else [])
     if args.omp_num_threads > 0:
         torch.set_num_threads(args.omp_num_threads)
     env = init_distributed(args.device, args.dist_url)
@@ -247,6 +251,7 @@ def open_run_dir(
     ``--model-dir`` is writable. A failure is raised on every rank with the same message.
     """
     lock, failure = None, None
+    STOP.watch_folders(run_dir)
     if env.is_main:
         try:
             lock = RunDirLock(run_dir).acquire()

@@ -1,0 +1,196 @@
+"""Runs that stop when told to (issue 21): ranks that go with their torchrun launcher, a checkpoint
+at a step boundary on SIGTERM/SIGINT/SIGUSR1, a second signal that stops at once, Slurm requeue.
+
+The script tests are real 2-process torchrun runs on tiny generated data: the launcher killed with
+SIGKILL (nothing else) must leave no process of the run after 15 s and the run-dir lock free, and a
+rerun must end where an uninterrupted run ends.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import source.run.signals as signals
+from source.maths.models import Projector, build_backbone
+from source.run.checkpoint import save_atomic
+from source.run.runtime import RunDirLock
+from tests.script_helpers import ROOT, make_image_folder, run_script, script_env
+from tests.stop_helpers import (
+    alive,
+    assert_same_weights,
+    checkpoint_value,
+    kill_launcher_only,
+    launch,
+    rank_pids,
+    result_rows,
+    wait_for,
+)
+
+TAG = "simclr_arch-resnet18"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> tuple[Path, Path]:
+    """(image folder, folder with pretext weights) shared by the cases."""
+    images = make_image_folder(tmp_path_factory.mktemp("images"), classes=2, per_class=16, size=16)
+    models = tmp_path_factory.mktemp("pretext")
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("resnet18")
+    save_atomic(backbone.state_dict(), models / f"pretext_{TAG}_bb.pth")
+    save_atomic(Projector(dim, "32-16").state_dict(), models / f"pretext_{TAG}_proj.pth")
+    return images, models
+
+
+@dataclass
+class Case:
+    """One script with tiny flags, how far a run in ``folder`` got, and how to compare two finished runs."""
+
+    script: str
+    flags: Callable[[Path, Path], list[str]]  # (images, folder) -> flags
+    run_name: str
+    progress: Callable[[Path], int]  # folder -> units done (-1: nothing yet)
+    total: int
+    compare: Callable[[Path, Path], None]  # (uninterrupted folder, resumed folder)
+
+    def run_dir(self, folder: Path) -> Path:
+        return folder / "runs" / self.run_name
+
+
+def _pretrain_flags(images: Path, folder: Path) -> list[str]:
+    return ["--pretext-type", "simclr", "--dset", "imagefolder", "--data-dir", str(images), "--arch", "resnet18",
+            "--img-size", "16", "--epochs", "3", "--batch-size", "8", "--mlp", "32-16", "--lr", "0.5",
+            "--warmup-epochs", "1", "--device", "cpu", "--num-workers", "1", "--model-dir", str(folder), "--log-every", "1"]
+
+
+def _bissl_flags(images: Path, folder: Path) -> list[str]:
+    return ["--d-dset", "imagefolder", "--p-dset", "imagefolder", "--data-dir", str(images), "--p-pretext-type", "simclr",
+            "--arch", "resnet18", "--img-size", "16", "--cg-iter-num", "1", "--p-mlp", "32-16",
+            "--p-pretrained-backbone-filename", f"pretext_{TAG}_bb.pth", "--p-pretrained-proj-filename", f"pretext_{TAG}_proj.pth",
+            "--epochs", "4", "--lower-num-iter", "2", "--upper-num-iter", "2", "--d-linear-warmup-epochs", "1",
+            "--p-batch-size", "8", "--d-batch-size", "8", "--device", "cpu", "--num-workers", "0", "--model-dir", str(folder)]
+
+
+def _finetune_flags(images: Path, folder: Path) -> list[str]:
+    return ["--dset", "imagefolder", "--data-dir", str(images), "--model-dir", str(folder),
+            "--pretrained-backbone-filename", f"pretext_{TAG}_bb.pth", "--pretrain-arch", "resnet18",
+            "--pretrain-img-size", "16", "--batch-size", "8", "--epochs", "2", "--device", "cpu", "--num-workers", "1",
+            "--use-hpo", "1", "--num-runs", "6", "--hpo-lr-max", "0.1"]
+
+
+PRETRAIN_RUN = f"pretext_{TAG}_dset-imagefolder"
+BISSL_RUN = f"BiSSL_{TAG}_dset-imagefolder"
+FINETUNE_RUN = f"finetune_pretext_pretext_{TAG}_bb_dset-imagefolder_hpo"
+
+
+def _compare_finetune(want: Path, got: Path) -> None:
+    want_rows, got_rows = (result_rows(folder / "runs" / FINETUNE_RUN / "results.jsonl") for folder in (want, got))
+    assert got_rows == want_rows
+    assert len((got / "runs" / FINETUNE_RUN / "results.jsonl").read_text().splitlines()) == len(want_rows)  # once each
+
+
+CASES = {
+    "ssl_pre-training.py": Case(
+        "ssl_pre-training.py", _pretrain_flags, PRETRAIN_RUN,
+        lambda folder: checkpoint_value(folder / "runs" / PRETRAIN_RUN / "checkpoint.pth", "epoch"), 3,
+        lambda want, got: assert_same_weights(want, got, [f"pretext_{TAG}_bb.pth", f"pretext_{TAG}_proj.pth"])),
+    "bissl.py": Case(
+        "bissl.py", _bissl_flags, BISSL_RUN,
+        lambda folder: checkpoint_value(folder / "runs" / BISSL_RUN / "checkpoint.pth", "alternation"), 4,
+        lambda want, got: assert_same_weights(want, got, [f"{name}_{TAG}_dset-imagefolder.pth" for name in
+                                                          ("BiSSL-backbone", "BiSSL-upper-backbone", "BiSSL-upper-head")])),
+    "fine-tuning.py": Case(
+        "fine-tuning.py", _finetune_flags, FINETUNE_RUN,
+        lambda folder: len(result_rows(folder / "runs" / FINETUNE_RUN / "results.jsonl")) or -1, 6, _compare_finetune),
+}
+
+
+def _fresh(folder: Path, models: Path) -> Path:
+    folder.mkdir()
+    for weights in models.iterdir():
+        shutil.copy(weights, folder / weights.name)
+    return folder
+
+
+# --------------------------------------------------------------------------- 1. launcher death
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.parametrize("script", list(CASES))
+def test_killing_the_launcher_stops_every_rank_frees_the_lock_and_a_rerun_resumes(script, inputs, tmp_path):
+    images, models = inputs
+    case = CASES[script]
+    straight, killed = _fresh(tmp_path / "straight", models), _fresh(tmp_path / "killed", models)
+    run_script(script, *case.flags(images, straight), nproc=2)
+
+    launcher = launch(script, case.flags(images, killed), 2, tmp_path / "killed.log")
+    ranks = rank_pids(launcher, 2)
+    assert wait_for(lambda: case.progress(killed) >= 1 or launcher.poll() is not None, 240)
+    pids = kill_launcher_only(launcher)
+    done = case.progress(killed)
+    assert 1 <= done < case.total, f"killed after {done} of {case.total}"
+    assert set(ranks) <= set(pids)
+    assert wait_for(lambda: not any(alive(pid) for pid in pids), 15), \
+        f"still running 15 s after the launcher died: {[pid for pid in pids if alive(pid)]}"
+    started = time.monotonic()
+    RunDirLock(case.run_dir(killed)).acquire().release()  # the dead rank 0's lock went with it
+    assert time.monotonic() - started < 2
+
+    result = run_script(script, *case.flags(images, killed), nproc=2)
+    if script != "fine-tuning.py":
+        assert "resumed from" in result.stderr
+    case.compare(straight, killed)
+
+
+def test_the_watchdog_kills_a_process_whose_launcher_is_gone(tmp_path):
+    # A launcher pid that is not our parent stands for a launcher that died before the check.
+    code = ("import time, source.run.signals as s; s.watch_launcher(launcher_pid=999999999, force=True, interval_s=0.1); "
+            "time.sleep(30); print('survived')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == -signal.SIGKILL and "survived" not in result.stdout
+
+
+def test_parent_death_signal_reaches_an_orphan(tmp_path):
+    # A child that asked for SIGKILL on its parent's death, under a parent that then dies.
+    pid_file = tmp_path / "child.pid"
+    child_code = ("import os, sys, time, source.run.signals as s; s.watch_launcher(force=True, interval_s=60); "
+                  "open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)")
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]]); time.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c", code, child_code, str(pid_file)], cwd=ROOT, env=script_env())
+    try:
+        assert wait_for(pid_file.exists, 60)
+        time.sleep(0.2)
+        child = int(pid_file.read_text())
+        assert alive(child)
+    finally:
+        parent.kill()
+        parent.wait()
+    # The watchdog polls once a minute here, so only the kernel's parent-death signal can be this fast.
+    assert wait_for(lambda: not alive(child), 5), "the orphan kept running"
+
+
+def test_stop_request_sets_a_flag_once_and_workers_ignore_it():
+    request = signals.StopRequest()
+    previous = {signum: signal.getsignal(signum) for signum in signals.STOP_SIGNALS}
+    try:
+        request.install()
+        assert not request.requested and not request.agreed()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert request.requested and request.signum == signal.SIGUSR1
+        assert request.agreed() and request.agreed_signum == signal.SIGUSR1
+        request.owner = -1  # as in a forked DataLoader worker: the signal is left to the rank
+        request.signum = None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert not request.requested
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
