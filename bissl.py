@@ -10,7 +10,9 @@ proximity) steps and ``--upper-num-iter`` upper (downstream, implicit-gradient) 
 evaluating on the downstream val split after each. Writes
 ``<model-dir>/BiSSL-backbone_<type>_arch-<arch>_dset-<dset>.pth`` (the LOWER backbone, the one to
 fine-tune), ``BiSSL-upper-backbone_...pth``, ``BiSSL-upper-head_...pth`` and a config JSON.
-Checkpoints after every alternation; rerunning the same command resumes.
+Checkpoints after every alternation; rerunning the same command resumes. SIGTERM, SIGINT or SIGUSR1
+stops the run at the end of the alternation it is in (or of the head warm-up), after its checkpoint,
+with exit status 75.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from source.run.cli import build_parser
 from source.run.distributed import barrier, cleanup_distributed
 from source.run.errors import ConfigError, run_entry_point
 from source.run.runtime import amp_dtype, open_run_dir, run_directory, start
+from source.run.signals import STOP
 from source.run.tracking import MetricsWriter
 from source.stages.bissl_run import (
     OUTPUT_FILES,
@@ -47,6 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     env = start(args)
+    STOP.install([args.model_dir])  # before DataLoader workers start: they leave stop signals to their rank
     resolve_upper_lr_wd(args)
     names = output_names(args)
     run_dir = run_directory(args, names["run"])
@@ -67,6 +71,9 @@ def main(args: argparse.Namespace) -> None:
             ckpt.write_json_atomic(vars(args), run_dir / "config.json")
         warm_up_head(args, env, trainer, data, writer)
         checkpoint.save(0, history)
+        if STOP.agreed(env.device):
+            writer.close()
+            STOP.exit(f"the end of the head warm-up ({checkpoint.path})", announce=env.is_main)
 
     progress = tqdm(range(start_alternation, args.epochs), desc="BiSSL alternations", disable=not env.is_main,
                     initial=start_alternation, total=args.epochs, dynamic_ncols=True)
@@ -77,6 +84,10 @@ def main(args: argparse.Namespace) -> None:
                    trainer.upper_step_count if args.upper_level else trainer.lower_step_count)
         progress.set_postfix(**progress_postfix(metrics, throughput, data.splits.multilabel))
         checkpoint.save(alternation + 1, history)
+        # The alternation is the step here: one checkpoint holds the whole bilevel state between two.
+        if STOP.agreed(env.device) and alternation + 1 < args.epochs:
+            writer.close()
+            STOP.exit(f"alternation {alternation + 1} of {args.epochs} ({checkpoint.path})", announce=env.is_main)
 
     if env.is_main and args.save_model:
         save_outputs(args, trainer, names, history)

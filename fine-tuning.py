@@ -13,7 +13,9 @@ another (trial i on rank ``i mod world size``, on its own GPU), each a single-pr
 with ``--batch-size`` images per step. Every finished trial appends one row to
 ``<run dir>/results.jsonl``; the same command run again (after a crash or when done) runs only
 the trials without a row, then prints the summary table (also written to ``summary.txt``;
-HPO: plus ``hpo_grid.png``). A trial whose loss turns NaN/inf is recorded as failed (status
+HPO: plus ``hpo_grid.png``). SIGTERM, SIGINT or SIGUSR1 stops each rank's running trial after the
+step it is in and exits with status 75; finished trials stay recorded, the stopped one runs again
+from its start in the next run. A trial whose loss turns NaN/inf is recorded as failed (status
 ``failed``, with the reason) and left out of the table; it is not rerun. Per-epoch metrics of
 trial i go to ``<run dir>/trials/trial-<i>/metrics.jsonl``. ``--save-model 1`` writes each trial's
 final backbone and head to ``<model-dir>/finetuned_<origin>_<backbone stem>_dset-<dset>_trial-<i>_{bb,head}.pth``.
@@ -30,7 +32,8 @@ from source.run.cli import build_parser
 from source.run.distributed import cleanup_distributed
 from source.run.errors import UserError, run_entry_point
 from source.run.runtime import amp_dtype, open_run_dir, run_directory, start
-from source.stages.finetune import score_name
+from source.run.signals import STOP
+from source.stages.finetune import TrialStopped, score_name
 from source.stages.finetune_run import (
     END_OF_SWEEP_TIMEOUT,
     backbone_identity,
@@ -60,6 +63,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     env = start(args)
+    STOP.install([args.model_dir])  # before DataLoader workers start: they leave stop signals to their rank
     trial_logger.setLevel(logging.INFO)
     run_dir = run_directory(args, run_name(args))
     dtype = amp_dtype(args.amp, env.device)
@@ -86,7 +90,11 @@ def main(args: argparse.Namespace) -> None:
     for index in mine:
         trial = make_trial(index, args.seed, bool(args.use_hpo), args.lr, args.wd,
                            (args.hpo_lr_min, args.hpo_lr_max), (args.hpo_wd_min, args.hpo_wd_max))
-        row = run_trial(args, env, trial, pretrained, data.train_set, val_loader, test_loader, data.splits, dtype, run_dir)
+        try:
+            row = run_trial(args, env, trial, pretrained, data.train_set, val_loader, test_loader, data.splits, dtype, run_dir)
+        except TrialStopped as stopped:
+            STOP.exit(f"trial {index}, {stopped} (rank {env.rank})", announce=True,
+                      saved="finished trials are recorded, this one runs again from its start")
         results.append(row)
         log_trial(env, trial, row, metric)
 

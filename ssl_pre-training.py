@@ -4,7 +4,8 @@
 
 Writes ``<model-dir>/pretext_<type>_arch-<arch>_{bb,proj[,pred]}.pth`` (plain state_dicts) and
 ``..._config.json``. Rerunning the same command after an interruption resumes from the run
-directory's last per-epoch checkpoint.
+directory's last checkpoint. SIGTERM, SIGINT or SIGUSR1 stops the run after the step it is in, with a
+checkpoint there (mid-epoch: the next run continues the epoch), exit status 75.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from source.run.cli import build_parser
 from source.run.distributed import barrier, cleanup_distributed
 from source.run.errors import run_entry_point
 from source.run.runtime import amp_dtype, open_run_dir, per_rank_batch_size, run_directory, start
+from source.run.signals import STOP
 from source.run.tracking import MetricsWriter
 from source.stages.engine import make_grad_scaler, train_pretext_epoch
 from source.stages.pretext_run import (
@@ -28,6 +30,7 @@ from source.stages.pretext_run import (
     output_stem,
     record_final_state,
     save_outputs,
+    start_epoch,
     wrap_distributed,
 )
 
@@ -42,7 +45,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     env = start(args)
-    per_rank_batch_size(args.batch_size, env.world_size)  # fail before touching data
+    STOP.install([args.model_dir])  # before DataLoader workers start: they leave stop signals to their rank
+    batch_size = per_rank_batch_size(args.batch_size, env.world_size)  # fail before touching data
     run_dir = run_directory(args, f"{output_stem(args)}_dset-{args.dset}")
     run_lock = open_run_dir(args, env, run_dir, output_prefixes=(f"{output_stem(args)}_",))
     loader, sampler = build_loader(args, env)
@@ -53,23 +57,31 @@ def main(args: argparse.Namespace) -> None:
     scaler = make_grad_scaler(env.device, dtype)
 
     checkpoint = PretextCheckpoint(run_dir / "checkpoint.pth", args, env, model, optimizer, scheduler, scaler)
-    start_epoch = checkpoint.resume(get_args_parser()) if args.resume and checkpoint.path.is_file() else 0
+    resumed = args.resume and checkpoint.path.is_file()
+    epochs_done, global_step = checkpoint.resume(get_args_parser(), steps_per_epoch) if resumed else (0, 0)
     ddp_model = wrap_distributed(model, env)
     after_step = byol_target_update(args, model, args.epochs * steps_per_epoch)
     writer = MetricsWriter(run_dir, env.is_main, vars(args), args.wandb_project, args.wandb_mode)
     if env.is_main:
         ckpt.write_json_atomic(vars(args), run_dir / "config.json")
-    global_step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
+    for epoch in range(epochs_done, args.epochs):
+        start_epoch(sampler, epoch, global_step - epoch * steps_per_epoch, batch_size)
         mean_loss, global_step = train_pretext_epoch(
             ddp_model, loader, optimizer, scheduler, scaler, device=env.device, amp_dtype=dtype,
             epoch=epoch, global_step=global_step, after_step=after_step, writer=writer,
             log_every=args.log_every, show_progress=env.is_main, memory_format=layout,
+            stop=lambda: STOP.agreed(env.device),
         )
-        writer.log({"epoch/loss": mean_loss, "epoch": epoch}, global_step)
-        logger.info("epoch %d/%d: loss %.4f", epoch + 1, args.epochs, mean_loss)
-        checkpoint.save(epoch + 1)
+        if global_step < (epoch + 1) * steps_per_epoch:  # stopped by a signal mid-epoch
+            checkpoint.save(epoch, global_step)
+        else:
+            writer.log({"epoch/loss": mean_loss, "epoch": epoch}, global_step)
+            logger.info("epoch %d/%d: loss %.4f", epoch + 1, args.epochs, mean_loss)
+            checkpoint.save(epoch + 1, global_step)
+        if STOP.stop_agreed and global_step < args.epochs * steps_per_epoch:  # (done anyway: finish)
+            writer.close()
+            STOP.exit(f"epoch {epoch + 1}, step {global_step - epoch * steps_per_epoch} of {steps_per_epoch} "
+                      f"(global step {global_step}; {checkpoint.path})", announce=env.is_main)
 
     record_final_state(args, env, model, run_dir)
     if env.is_main and args.save_model:

@@ -54,6 +54,17 @@ def _parent(pid: int) -> int:
         return -1
 
 
+def rank_of(pid: int) -> int:
+    """The ``RANK`` torchrun gave the process ``pid``."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(item for item in environ if item.startswith(b"RANK=")).split(b"=", 1)[1])
+
+
+def temporaries(folder: Path) -> list[Path]:
+    """Temporary files of atomic saves (``.<name>.tmp<pid>``) anywhere under ``folder``."""
+    return [path for path in folder.rglob(".*.tmp*") if path.is_file()]
+
+
 def kill_launcher_only(launcher: subprocess.Popen) -> list[int]:
     """SIGKILL the launcher alone (as the OOM killer would); returns every pid that ran below it
     just before (ranks and their DataLoader workers), recorded before they are re-parented."""

@@ -7,6 +7,7 @@ rerun must end where an uninterrupted run ends.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -31,8 +32,10 @@ from tests.stop_helpers import (
     checkpoint_value,
     kill_launcher_only,
     launch,
+    rank_of,
     rank_pids,
     result_rows,
+    temporaries,
     wait_for,
 )
 
@@ -194,3 +197,142 @@ def test_stop_request_sets_a_flag_once_and_workers_ignore_it():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+# --------------------------------------------------------------------------- 2. a checkpoint when told to stop
+def _metric_steps(run_dir: Path) -> int:
+    """The highest step in a run's metrics.jsonl (0 before the first line)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return max((int(json.loads(line).get("step", 0)) for line in lines if line.strip()), default=0)
+
+
+def _signal_one_rank(launcher: subprocess.Popen, rank: int, signum: int) -> None:
+    pid = next(pid for pid in rank_pids(launcher, 2) if rank_of(pid) == rank)
+    os.kill(pid, signum)
+
+
+def _stop_line(log: Path) -> str:
+    lines = [line for line in log.read_text().splitlines() if "stopped by SIGTERM at" in line]
+    assert len(lines) >= 1, log.read_text()[-3000:]
+    return lines[0]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_sigterm_to_one_pretraining_rank_checkpoints_mid_epoch_and_the_rerun_ends_equal(inputs, tmp_path):
+    images, models = inputs
+    # 32 images, global batch 4: 8 steps per epoch, so the stop lands inside an epoch.
+    def flags(folder: Path) -> list[str]:
+        return [*_pretrain_flags(images, folder), "--batch-size", "4", "--epochs", "2", "--num-workers", "0"]
+
+    straight, stopped = _fresh(tmp_path / "straight", models), _fresh(tmp_path / "stopped", models)
+    run_script("ssl_pre-training.py", *flags(straight), nproc=2)
+    run_dir = stopped / "runs" / PRETRAIN_RUN
+    log = tmp_path / "stopped.log"
+    launcher = launch("ssl_pre-training.py", flags(stopped), 2, log)
+    assert wait_for(lambda: _metric_steps(run_dir) >= 2 or launcher.poll() is not None, 240)
+    _signal_one_rank(launcher, 1, signal.SIGTERM)
+    assert launcher.wait(120) != 0
+    text = log.read_text()
+    assert f"exitcode  : {signals.EXIT_STOPPED}" in text, text[-3000:]  # torchrun's summary of the ranks
+    line = _stop_line(log)
+    state = torch.load(run_dir / "checkpoint.pth", weights_only=True)
+    step = state["global_step"]
+    assert f"global step {step};" in line and "Rerun the same command" in line
+    assert 2 <= step < 16 and step % 8 != 0, f"stopped at global step {step}, not inside an epoch"
+    assert state["epoch"] == step // 8
+    assert not temporaries(stopped)
+    assert _metric_steps(run_dir) == step  # nothing trained after the checkpoint
+
+    result = run_script("ssl_pre-training.py", *flags(stopped), nproc=2)
+    assert f"resumed from {run_dir / 'checkpoint.pth'} at epoch {step // 8}, step {step}" in result.stderr
+    CASES["ssl_pre-training.py"].compare(straight, stopped)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_sigterm_to_one_bissl_rank_checkpoints_after_the_alternation_and_the_rerun_ends_equal(inputs, tmp_path):
+    images, models = inputs
+    case = CASES["bissl.py"]
+    straight, stopped = _fresh(tmp_path / "straight", models), _fresh(tmp_path / "stopped", models)
+    run_script("bissl.py", *case.flags(images, straight), nproc=2)
+    log = tmp_path / "stopped.log"
+    launcher = launch("bissl.py", case.flags(images, stopped), 2, log)
+    assert wait_for(lambda: case.progress(stopped) >= 1 or launcher.poll() is not None, 240)  # the warm-up's checkpoint
+    _signal_one_rank(launcher, 1, signal.SIGTERM)
+    assert launcher.wait(120) != 0
+    assert f"exitcode  : {signals.EXIT_STOPPED}" in log.read_text()
+    done = case.progress(stopped)
+    assert 1 <= done < case.total and f"at alternation {done} of {case.total}" in _stop_line(log)
+    assert not temporaries(stopped)
+    assert not (stopped / f"BiSSL-backbone_{TAG}_dset-imagefolder.pth").exists()
+    result = run_script("bissl.py", *case.flags(images, stopped), nproc=2)
+    assert f"after {done} alternations" in result.stderr
+    case.compare(straight, stopped)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_sigterm_to_one_finetuning_rank_keeps_finished_trials_and_the_rerun_ends_equal(inputs, tmp_path):
+    images, models = inputs
+    case = CASES["fine-tuning.py"]
+    straight, stopped = _fresh(tmp_path / "straight", models), _fresh(tmp_path / "stopped", models)
+    run_script("fine-tuning.py", *case.flags(images, straight), nproc=2)
+    log = tmp_path / "stopped.log"
+    launcher = launch("fine-tuning.py", case.flags(images, stopped), 2, log)
+    assert wait_for(lambda: case.progress(stopped) >= 1 or launcher.poll() is not None, 240)
+    _signal_one_rank(launcher, 1, signal.SIGTERM)
+    assert launcher.wait(120) != 0
+    assert f"exitcode  : {signals.EXIT_STOPPED}" in log.read_text()
+    done = case.progress(stopped)
+    assert 1 <= done < case.total
+    assert "finished trials are recorded" in _stop_line(log)
+    run_script("fine-tuning.py", *case.flags(images, stopped), nproc=2)
+    case.compare(straight, stopped)
+
+
+SECOND_SIGNAL = """
+import os, signal, sys, time
+from pathlib import Path
+from source.run.signals import STOP
+folder = Path(sys.argv[1])
+STOP.install([folder])
+partial = folder / f".checkpoint.pth.tmp{os.getpid()}"
+partial.write_bytes(b"half a checkpoint")  # a save in progress when the second signal comes
+print("ready", flush=True)
+while True:
+    time.sleep(0.01)
+"""
+
+
+def test_a_second_signal_stops_at_once_and_removes_the_partial_save(tmp_path):
+    process = subprocess.Popen([sys.executable, "-c", SECOND_SIGNAL, str(tmp_path)], cwd=ROOT, env=script_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "ready"
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    assert process.poll() is None  # the first one only asks the run to stop at its next boundary
+    process.send_signal(signal.SIGINT)
+    assert process.wait(10) == -signal.SIGINT
+    assert "received SIGINT" in process.stderr.read()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_second_sigint_stops_a_real_run_at_once_without_a_partial_file(inputs, tmp_path):
+    images, models = inputs
+    folder = _fresh(tmp_path / "run", models)
+    flags = [*_pretrain_flags(images, folder), "--epochs", "50", "--num-workers", "0"]
+    log = tmp_path / "run.log"
+    process = launch("ssl_pre-training.py", flags, 1, log)
+    run_dir = folder / "runs" / PRETRAIN_RUN
+    assert wait_for(lambda: _metric_steps(run_dir) >= 1 or process.poll() is not None, 240)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # (two signals before the handler runs count as one)
+    process.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    assert process.wait(30) == -signal.SIGINT, log.read_text()[-3000:]
+    assert time.monotonic() - started < 10
+    assert not temporaries(folder)
+    assert not (folder / f"pretext_{TAG}_config.json").exists()  # the run never finished

@@ -37,8 +37,6 @@ def start(args: argparse.Namespace) -> DistEnv:
     logging, resolve ``--num-workers -1`` (auto) and seed ``random``/numpy/torch with
     ``args.seed + rank``."""
     watch_launcher()  # under torchrun: die with the launcher (before a rendezvous that would wait for it)
-    # Before any DataLoader worker is forked: the workers inherit the handler, which leaves them to their rank.
-    STOP.install([Path(args.model_dir)] if getattr(args, "model_dir", None) else [])
     if args.omp_num_threads > 0:
         torch.set_num_threads(args.omp_num_threads)
     env = init_distributed(args.device, args.dist_url)

@@ -153,20 +153,28 @@ class StopRequest:
             self.stop_agreed, self.agreed_signum = True, int(flag.item())
         return self.stop_agreed
 
-    def exit(self, where: str, is_main: bool) -> typing.NoReturn:
-        """End a run whose checkpoint at ``where`` is written: one line (rank 0), a Slurm requeue
-        after SIGUSR1, exit status :data:`EXIT_STOPPED`."""
-        name = signal.Signals(self.agreed_signum).name if self.agreed_signum else "a stop signal"
-        if is_main:
-            print(f"stopped by {name} at {where}; the checkpoint is written. Rerun the same command to continue "
+    def exit(self, where: str, announce: bool, saved: str = "the checkpoint is written") -> typing.NoReturn:
+        """End a stopped run: one line saying where it stopped (if ``announce``; rank 0 usually), a
+        Slurm requeue after SIGUSR1 (from global rank 0), exit status :data:`EXIT_STOPPED`."""
+        signum = self.agreed_signum or self.signum or 0
+        name = signal.Signals(signum).name if signum else "a stop signal"
+        if announce:
+            print(f"stopped by {name} at {where}; {saved}. Rerun the same command to continue "
                   f"(exit status {EXIT_STOPPED}).", file=sys.stderr, flush=True)
-            if self.agreed_signum == signal.SIGUSR1:
-                requeue_slurm_job()
+        if signum == signal.SIGUSR1 and _global_rank() == 0:
+            requeue_slurm_job()
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         sys.exit(EXIT_STOPPED)
+
+
+def _global_rank() -> int:
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").strip():
+            return int(os.environ[name])
+    return 0
 
 
 def requeue_slurm_job() -> bool:

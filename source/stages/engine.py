@@ -109,6 +109,7 @@ def train_pretext_epoch(
     log_every: int,
     show_progress: bool,
     memory_format: torch.memory_format = torch.contiguous_format,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[float, int]:
     """One epoch of self-supervised training; returns (mean loss, global step after the epoch).
 
@@ -117,6 +118,8 @@ def train_pretext_epoch(
     value stops all ranks together. Throughput (images/s, one image = its two views, all ranks;
     and the share of time spent waiting for data) shows in the progress bar, in the metrics every
     ``log_every`` steps (``train/``, since the previous line) and at the end (``epoch/``).
+    ``stop()`` is asked after every step (a collective: every rank asks it at the same steps); True
+    ends the epoch there, so the returned step falls short of the epoch's end.
     """
     model.train()
     total_loss, num_steps = 0.0, 0
@@ -149,6 +152,8 @@ def train_pretext_epoch(
         if global_step % log_every == 0:
             writer.log({"train/loss": loss_value, "train/lr": lr, **throughput.interval("train/"), "epoch": epoch},
                        global_step)
+        if stop is not None and stop():
+            break
         ready = time.perf_counter()
     if num_steps == 0:
         raise ConfigError("the training loader produced no batch: the dataset is smaller than one global batch")

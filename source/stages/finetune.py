@@ -43,6 +43,10 @@ class TrialDiverged(RuntimeError):
     """The training or validation loss of a trial became NaN or infinite."""
 
 
+class TrialStopped(Exception):
+    """A stop signal ended the trial at a step boundary (``fine_tune``'s ``stop()`` said so)."""
+
+
 def score_name(multilabel: bool) -> str:
     """Key of the model-selection score in :func:`source.stages.evaluation.evaluate`'s output:
     11-point mAP (%) for multi-label data, top-1 accuracy (%) otherwise."""
@@ -109,12 +113,14 @@ def train_one_epoch(
     epoch: int,
     progress: tqdm,
     layout: torch.memory_format = torch.contiguous_format,
+    stop: Callable[[], bool] | None = None,
 ) -> float:
     """One pass over ``loader`` (images (B, 3, H, W) moved to ``device`` in memory format ``layout``,
     targets (B,) or (B, C)); returns the mean loss.
 
     The scheduler steps after every optimizer step. Raises :class:`TrialDiverged` on the first
-    non-finite loss, before that loss is back-propagated.
+    non-finite loss, before that loss is back-propagated, and :class:`TrialStopped` after the
+    first step after which ``stop()`` is True.
     """
     model.train()
     total, steps = 0.0, 0
@@ -138,6 +144,8 @@ def train_one_epoch(
         steps += 1
         progress.update(1)
         progress.set_postfix(epoch=epoch, loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", refresh=False)
+        if stop is not None and stop():
+            raise TrialStopped(f"epoch {epoch}, step {steps}")
     if steps == 0:
         raise ConfigError("the training loader produced no batch: the train split is smaller than one batch")
     return total / steps
@@ -162,6 +170,7 @@ def fine_tune(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     on_final_model: Callable[[nn.Module], None] | None = None,
     layout: torch.memory_format = torch.contiguous_format,
+    stop: Callable[[], bool] | None = None,
 ) -> TrialResult:
     """Train ``model`` (images -> logits (B, C), already on ``device``) for ``epochs`` and score it.
 
@@ -180,6 +189,7 @@ def fine_tune(
 
     A non-finite training or validation loss ends the trial with ``status = "failed"``.
     ``layout``: memory format of the input batches (``--channels-last``; the model's is the caller's).
+    ``stop()``, asked after every training step, ends the trial with :class:`TrialStopped` when True.
     """
     if epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {epochs}")
@@ -196,7 +206,7 @@ def fine_tune(
         for epoch in range(1, epochs + 1):
             lr_at_start = optimizer.param_groups[0]["lr"]
             train_loss = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, criterion,
-                                         device, amp_dtype, epoch, progress, layout)
+                                         device, amp_dtype, epoch, progress, layout, stop)
             val_scores = evaluate(model, val_loader, device, multilabel, amp_dtype, distributed=False, layout=layout)
             if not math.isfinite(val_scores["loss"]):
                 raise TrialDiverged(f"non-finite validation loss ({val_scores['loss']}) after epoch {epoch}")

@@ -32,6 +32,7 @@ from source.run import checkpoint as ckpt
 from source.run.distributed import DistEnv, broadcast_object, gather_objects, seed_everything
 from source.run.errors import ConfigError, MissingInputError
 from source.run.runtime import changed_settings, check_settings_unchanged
+from source.run.signals import STOP
 from source.run.state_dict import WeightsError
 from source.run.tracking import MetricsWriter
 from source.stages.engine import memory_format
@@ -165,6 +166,7 @@ def run_trial(
             show_progress=env.is_main, description=f"trial {trial.index} (lr {trial.lr:g}, wd {trial.wd:g})",
             on_epoch=lambda metrics: writer.log(metrics, step=int(metrics["epoch"])),
             on_final_model=save_final if args.save_model else None, layout=layout,
+            stop=lambda: STOP.requested,  # trials do not communicate: each rank stops its own
         )
     finally:
         writer.close()

@@ -47,7 +47,7 @@ def build_loader(args: argparse.Namespace, env: DistEnv) -> tuple[DataLoader | l
     if len(dataset) < args.batch_size:
         raise ConfigError(f"the training set has {len(dataset)} images, fewer than one global batch ({args.batch_size})")
     # One sampler for every world size (also 1): its shuffle depends only on (seed, epoch).
-    sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
+    sampler = ResumableDistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
                                  seed=args.seed, drop_last=True)
     # Augmentations are seeded per (seed, epoch, image): the same views with any --num-workers.
     loader = loading.build_loader(
@@ -56,6 +56,26 @@ def build_loader(args: argparse.Namespace, env: DistEnv) -> tuple[DataLoader | l
         nice_workers=env.device.type == "cpu",
     )
     return loader, loading.loader_sampler(loader)
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """A ``DistributedSampler`` whose next pass can start after its first ``skip`` indices: a run
+    stopped at a step boundary continues the epoch where it stopped (the epoch's order is a function
+    of (seed, epoch) alone, so its position is just the number of batches done)."""
+
+    skip = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.skip:]
+        self.skip = 0
+        return iter(indices)
+
+
+def start_epoch(sampler: loading.SeededSampler, epoch: int, batches_done: int, per_rank_batch: int) -> None:
+    """Point the loader at epoch ``epoch`` after its first ``batches_done`` batches (0: from its start)."""
+    sampler.set_epoch(epoch)
+    assert isinstance(sampler.sampler, ResumableDistributedSampler)
+    sampler.sampler.skip = batches_done * per_rank_batch
 
 
 def build_model(args: argparse.Namespace, env: DistEnv) -> tuple[nn.Module, torch.memory_format]:
@@ -107,7 +127,8 @@ def byol_target_update(args: argparse.Namespace, model: nn.Module, total_steps: 
 
 
 class PretextCheckpoint:
-    """``<run dir>/checkpoint.pth``: model, optimiser, scheduler, scaler, epochs done, every rank's RNG state, args."""
+    """``<run dir>/checkpoint.pth``: model, optimiser, scheduler, scaler, epochs done, the global step
+    (beyond the epochs done when a stop signal ended the run mid-epoch), every rank's RNG state, args."""
 
     REQUIRED_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "rng", "args")
 
@@ -117,8 +138,8 @@ class PretextCheckpoint:
         self.path, self.args, self.env = path, args, env
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
 
-    def resume(self, parser: argparse.ArgumentParser) -> int:
-        """Restore everything saved, refusing changed settings; returns the epochs done."""
+    def resume(self, parser: argparse.ArgumentParser, steps_per_epoch: int) -> tuple[int, int]:
+        """Restore everything saved, refusing changed settings; returns (epochs done, global step)."""
         state = ckpt.load_checkpoint(self.path, self.REQUIRED_KEYS)
         check_settings_unchanged(self.path.parent, changed_settings(state["args"], self.args, parser))
         self.model.load_state_dict(state["model"])
@@ -126,10 +147,11 @@ class PretextCheckpoint:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         ckpt.restore_rank_rng_state(state["rng"], self.env.rank, self.env.world_size)
-        logger.info("resumed from %s at epoch %d", self.path, state["epoch"])
-        return state["epoch"]
+        global_step = state.get("global_step", state["epoch"] * steps_per_epoch)  # (older checkpoints: per epoch)
+        logger.info("resumed from %s at epoch %d, step %d", self.path, state["epoch"], global_step)
+        return state["epoch"], global_step
 
-    def save(self, epochs_done: int) -> None:
+    def save(self, epochs_done: int, global_step: int) -> None:
         """Collective. Never checkpoint a diverged model; BN statistics are per rank under DDP on
         CPU, so only the parameters must agree across ranks."""
         ckpt.check_healthy({"model": self.model}, f"in epoch {epochs_done}", cfg.MAX_TENSOR_RMS, cfg.MAX_BUFFER_RMS)
@@ -139,7 +161,7 @@ class PretextCheckpoint:
             ckpt.save_atomic({
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "epoch": epochs_done, "rng": rng_states, "args": vars(self.args),
+                "epoch": epochs_done, "global_step": global_step, "rng": rng_states, "args": vars(self.args),
             }, self.path)
         barrier()
 
