@@ -14,8 +14,9 @@ with ``--batch-size`` images per step. Every finished trial appends one row to
 ``<run dir>/results.jsonl``; the same command run again (after a crash or when done) runs only
 the trials without a row, then prints the summary table (also written to ``summary.txt``;
 HPO: plus ``hpo_grid.png``). SIGTERM, SIGINT or SIGUSR1 stops each rank's running trial after the
-step it is in and exits with status 75; finished trials stay recorded, the stopped one runs again
-from its start in the next run. A trial whose loss turns NaN/inf is recorded as failed (status
+step it is in and exits with status 75; finished trials stay recorded, the stopped one continues
+from its checkpoint at that step in the next run (or, with a train loader whose position cannot be
+saved, runs again from its start). A trial whose loss turns NaN/inf is recorded as failed (status
 ``failed``, with the reason) and left out of the table; it is not rerun. Per-epoch metrics of
 trial i go to ``<run dir>/trials/trial-<i>/metrics.jsonl``. ``--save-model 1`` writes each trial's
 final backbone and head to ``<model-dir>/finetuned_<origin>_<backbone stem>_dset-<dset>_trial-<i>_{bb,head}.pth``.
@@ -94,7 +95,8 @@ def main(args: argparse.Namespace) -> None:
             row = run_trial(args, env, trial, pretrained, data.train_set, val_loader, test_loader, data.splits, dtype, run_dir)
         except TrialStopped as stopped:
             STOP.exit(f"trial {index}, {stopped} (rank {env.rank})", announce=True,
-                      saved="finished trials are recorded, this one runs again from its start")
+                      saved="finished trials are recorded, " + ("this one's checkpoint is written" if stopped.checkpointed
+                                                                else "this one runs again from its start"))
         results.append(row)
         log_trial(env, trial, row, metric)
 

@@ -24,8 +24,9 @@ import torch
 import source.run.signals as signals
 from source.maths.models import Projector, build_backbone
 from source.run.checkpoint import save_atomic
+from source.run.distributed import first_slurm_host, slurm_rendezvous
 from source.run.runtime import RunDirLock
-from tests.script_helpers import ROOT, make_image_folder, run_script, script_env
+from tests.script_helpers import ROOT, command, make_image_folder, run_script, script_env
 from tests.stop_helpers import (
     alive,
     assert_same_weights,
@@ -336,3 +337,101 @@ def test_a_second_sigint_stops_a_real_run_at_once_without_a_partial_file(inputs,
     assert time.monotonic() - started < 10
     assert not temporaries(folder)
     assert not (folder / f"pretext_{TAG}_config.json").exists()  # the run never finished
+
+
+# --------------------------------------------------------------------------- 3. Slurm
+def test_slurm_launch_without_torchrun_finds_its_rendezvous():
+    assert first_slurm_host("gpu-node[07-10,12],cpu3") == "gpu-node07"
+    assert first_slurm_host("single") == "single"
+    environ = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_NODELIST": "n[4-5]", "SLURM_JOB_ID": "4242"}
+    assert slurm_rendezvous(environ) == {"MASTER_ADDR": "n4", "MASTER_PORT": str(20000 + 4242)}
+    assert slurm_rendezvous({**environ, "MASTER_ADDR": "head", "MASTER_PORT": "1234"}) == {}  # given ones win
+    assert slurm_rendezvous({**environ, "RANK": "3"}) == {}  # torchrun inside Slurm sets its own
+    assert slurm_rendezvous({"SLURM_JOB_ID": "1"}) == {}  # not a task that srun started
+
+
+def _fake_scontrol(folder: Path) -> tuple[dict[str, str], Path]:
+    """An environment whose ``scontrol`` records its arguments in the returned file."""
+    calls = folder / "scontrol_calls.txt"
+    tool = folder / "bin" / "scontrol"
+    tool.parent.mkdir()
+    tool.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    tool.chmod(0o755)
+    return {"PATH": f"{tool.parent}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "777"}, calls
+
+
+def test_requeue_calls_scontrol_only_inside_a_job(tmp_path, monkeypatch):
+    extra, calls = _fake_scontrol(tmp_path)
+    for key, value in extra.items():
+        monkeypatch.setenv(key, value)
+    assert signals.requeue_slurm_job() and calls.read_text() == "requeue 777\n"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert not signals.requeue_slurm_job() and calls.read_text() == "requeue 777\n"
+
+
+@pytest.mark.slow
+def test_sigusr1_in_a_slurm_job_checkpoints_requeues_and_the_requeued_run_resumes(inputs, tmp_path):
+    images, models = inputs
+    extra, calls = _fake_scontrol(tmp_path)
+    straight, stopped = _fresh(tmp_path / "straight", models), _fresh(tmp_path / "stopped", models)
+    flags = [*_pretrain_flags(images, stopped), "--epochs", "2", "--num-workers", "0"]
+    run_dir = stopped / "runs" / PRETRAIN_RUN
+    process = subprocess.Popen(command("ssl_pre-training.py", *flags), cwd=ROOT, env={**script_env(), **extra},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: _metric_steps(run_dir) >= 1 or process.poll() is not None, 240)
+    process.send_signal(signal.SIGUSR1)
+    assert process.wait(120) == signals.EXIT_STOPPED
+    assert "stopped by SIGUSR1" in process.stderr.read()
+    assert calls.read_text() == "requeue 777\n"
+    # The requeued job runs the same command: it continues from the checkpoint.
+    result = run_script("ssl_pre-training.py", *flags)
+    assert "resumed from" in result.stderr
+    run_script("ssl_pre-training.py", *[*_pretrain_flags(images, straight), "--epochs", "2", "--num-workers", "0"])
+    CASES["ssl_pre-training.py"].compare(straight, stopped)
+
+
+# --------------------------------------------------------------------------- fine-tuning trial checkpoint
+def _trial_inputs():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from source.data.loader import epoch_loader
+
+    generator = torch.Generator().manual_seed(0)
+    points = torch.randn(96, 2, generator=generator)
+    labels = (points[:, 0] > 0).long()
+    train = epoch_loader(TensorDataset(points[:64], labels[:64]), 8, seed=3, num_workers=0, pin_memory=False,
+                         prefetch_factor=2)
+    return train, DataLoader(TensorDataset(points[64:80], labels[64:80]), batch_size=8), \
+        DataLoader(TensorDataset(points[80:], labels[80:]), batch_size=8)
+
+
+def _trial(stop=None, checkpoint_path=None):
+    from torch import nn
+
+    from source.stages.finetune import fine_tune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    train, val, test = _trial_inputs()
+    result = fine_tune(model, train, val, test, lr=0.05, wd=1e-4, momentum=0.9, epochs=3, device=torch.device("cpu"),
+                       amp_dtype=None, multilabel=False, stop=stop, checkpoint_path=checkpoint_path)
+    return result, model
+
+
+@pytest.mark.parametrize("stop_after", [5, 16])  # inside epoch 1; after the last step of epoch 2
+def test_a_stopped_trial_checkpoints_at_its_step_and_continues_to_the_uninterrupted_result(tmp_path, stop_after):
+    from source.stages.finetune import TrialStopped
+
+    want, want_model = _trial()
+    path = tmp_path / "trial" / "checkpoint.pth"
+    calls = []
+    with pytest.raises(TrialStopped) as stopped:
+        _trial(stop=lambda: calls.append(1) or len(calls) == stop_after, checkpoint_path=path)
+    assert stopped.value.checkpointed and path.is_file()
+    state = torch.load(path, weights_only=True)
+    assert (state["epoch"] - 1) * 8 + state["steps"] == stop_after
+    got, got_model = _trial(checkpoint_path=path)
+    assert got.row() == want.row() and got.history == want.history
+    for key, value in want_model.state_dict().items():
+        assert torch.allclose(value.float(), got_model.state_dict()[key].float(), atol=1e-6, rtol=0), key
+    assert not path.exists()  # the finished trial leaves nothing to continue

@@ -113,19 +113,21 @@ class SeededEpochs(Sampler):
 
     def __init__(self, num_items: int, seed: int, shuffle: bool = True) -> None:
         self.num_items, self.seed, self.shuffle, self.epoch = num_items, seed, shuffle, 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The next pass is epoch ``epoch``, starting after its first ``skip`` items (a resumed run)."""
+        self.epoch, self.skip = epoch, skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch
-        self.epoch += 1
+        epoch, skip = self.epoch, self.skip
+        self.epoch, self.skip = self.epoch + 1, 0
         if self.shuffle:
             generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, SHUFFLE_INDEX))
             order = torch.randperm(self.num_items, generator=generator).tolist()
         else:
-            order = range(self.num_items)
-        for index in order:
+            order = list(range(self.num_items))
+        for index in order[skip:]:
             yield index, sample_seed(self.seed, epoch, index)
 
     def __len__(self) -> int:

@@ -10,7 +10,8 @@ import datetime
 import logging
 import os
 import random
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,18 +70,49 @@ def launched_world_size() -> int:
     return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
 
 
+# MASTER_PORT of a Slurm launch that names none: this base plus the job id modulo the span, so two
+# jobs sharing a node rarely collide and every task of one job computes the same port.
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: ``node[03-05,9],gpu1`` -> ``node03`` (zero padding kept)."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if match is None:
+        raise ConfigError(f"cannot read the first host of SLURM_NODELIST {nodelist!r}; set MASTER_ADDR")
+    prefix, ranges = match.group(1), match.group(2)
+    return prefix if ranges is None else prefix + ranges.split(",")[0].split("-")[0]
+
+
+def slurm_rendezvous(environ: Mapping[str, str]) -> dict[str, str]:
+    """``MASTER_ADDR``/``MASTER_PORT`` for ranks that ``srun`` started without torchrun, where the
+    environment lacks them: the first host of ``SLURM_NODELIST`` (as rank 0 runs there) and a port
+    derived from ``SLURM_JOB_ID``. Empty outside such a launch or when both are given."""
+    if "RANK" in environ or "SLURM_PROCID" not in environ:
+        return {}
+    found = {}
+    if "MASTER_ADDR" not in environ and environ.get("SLURM_NODELIST"):
+        found["MASTER_ADDR"] = first_slurm_host(environ["SLURM_NODELIST"])
+    if "MASTER_PORT" not in environ and environ.get("SLURM_JOB_ID", "").isdigit():
+        found["MASTER_PORT"] = str(SLURM_PORT_BASE + int(environ["SLURM_JOB_ID"]) % SLURM_PORT_SPAN)
+    return found
+
+
 def init_distributed(device: str = "auto", dist_url: str = "env://", timeout_minutes: int = 30) -> DistEnv:
     """Initialise the process group if launched by torchrun or Slurm; otherwise run alone.
 
     Rank/world size come from torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` or from Slurm's
-    ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``. Under Slurm the rendezvous address
-    must be given by ``MASTER_ADDR``/``MASTER_PORT`` or ``--dist-url tcp://host:port``.
+    ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``. Under Slurm the rendezvous is
+    ``MASTER_ADDR``/``MASTER_PORT`` or ``--dist-url tcp://host:port`` when given, else
+    :func:`slurm_rendezvous` (the first node of the job, a port from the job id).
     """
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world_size = launched_world_size()
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
     torch_device = resolve_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
+        if dist_url == "env://":
+            os.environ.update(slurm_rendezvous(os.environ))
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
         kwargs = {}
         if torch_device.type == "cuda":

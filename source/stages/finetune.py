@@ -17,6 +17,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,9 +27,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import config_default as cfg
+from source.data.loader import PrefetchedLoader, SeededEpochs
 from source.maths.losses import downstream_criterion
 from source.maths.optim import warmup_cosine_scheduler
-from source.run.checkpoint import unhealthy_tensors
+from source.run.checkpoint import CheckpointError, load_checkpoint, save_atomic, unhealthy_tensors
 from source.run.errors import ConfigError
 from source.stages.engine import make_grad_scaler
 from source.stages.evaluation import evaluate
@@ -44,7 +46,17 @@ class TrialDiverged(RuntimeError):
 
 
 class TrialStopped(Exception):
-    """A stop signal ended the trial at a step boundary (``fine_tune``'s ``stop()`` said so)."""
+    """A stop signal ended the trial at a step boundary (``fine_tune``'s ``stop()`` said so).
+    ``checkpointed``: whether the trial's checkpoint was written there (else it reruns from its start)."""
+
+    def __init__(self, epoch: int, steps: int, loss_total: float) -> None:
+        super().__init__(f"epoch {epoch}, step {steps}")
+        self.epoch, self.steps, self.loss_total, self.checkpointed = epoch, steps, loss_total, False
+
+
+# What a trial checkpoint must hold to be continued.
+TRIAL_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "steps", "loss_total", "lr_at_start",
+                         "history", "best_val", "best_epoch", "best_state", "identity")
 
 
 def score_name(multilabel: bool) -> str:
@@ -96,6 +108,17 @@ class TrialResult:
         return row
 
 
+def _seeded_epochs(loader: DataLoader | PrefetchedLoader) -> SeededEpochs | None:
+    """The :class:`SeededEpochs` sampler of a train loader, if it has one (its position is resumable)."""
+    inner = loader.loader if isinstance(loader, PrefetchedLoader) else loader
+    sampler = getattr(inner, "sampler", None)
+    return sampler if isinstance(sampler, SeededEpochs) else None
+
+
+def _batch_size(loader: DataLoader | PrefetchedLoader) -> int:
+    return (loader.loader if isinstance(loader, PrefetchedLoader) else loader).batch_size
+
+
 def _copy_state(model: nn.Module) -> dict[str, Tensor]:
     # clone(): state_dict() returns views of the live parameters, which later steps overwrite.
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
@@ -114,16 +137,18 @@ def train_one_epoch(
     progress: tqdm,
     layout: torch.memory_format = torch.contiguous_format,
     stop: Callable[[], bool] | None = None,
+    done: tuple[int, float] = (0, 0.0),
 ) -> float:
     """One pass over ``loader`` (images (B, 3, H, W) moved to ``device`` in memory format ``layout``,
     targets (B,) or (B, C)); returns the mean loss.
 
     The scheduler steps after every optimizer step. Raises :class:`TrialDiverged` on the first
     non-finite loss, before that loss is back-propagated, and :class:`TrialStopped` after the
-    first step after which ``stop()`` is True.
+    first step after which ``stop()`` is True. ``done``: (steps, loss sum) of the epoch before a
+    resume, whose loader starts after those steps.
     """
     model.train()
-    total, steps = 0.0, 0
+    steps, total = done
     for images, targets in loader:
         images = images.to(device, non_blocking=True, memory_format=layout)
         targets = targets.to(device, non_blocking=True)
@@ -145,7 +170,7 @@ def train_one_epoch(
         progress.update(1)
         progress.set_postfix(epoch=epoch, loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", refresh=False)
         if stop is not None and stop():
-            raise TrialStopped(f"epoch {epoch}, step {steps}")
+            raise TrialStopped(epoch, steps, total)
     if steps == 0:
         raise ConfigError("the training loader produced no batch: the train split is smaller than one batch")
     return total / steps
@@ -171,6 +196,7 @@ def fine_tune(
     on_final_model: Callable[[nn.Module], None] | None = None,
     layout: torch.memory_format = torch.contiguous_format,
     stop: Callable[[], bool] | None = None,
+    checkpoint_path: Path | None = None,
 ) -> TrialResult:
     """Train ``model`` (images -> logits (B, C), already on ``device``) for ``epochs`` and score it.
 
@@ -189,7 +215,11 @@ def fine_tune(
 
     A non-finite training or validation loss ends the trial with ``status = "failed"``.
     ``layout``: memory format of the input batches (``--channels-last``; the model's is the caller's).
-    ``stop()``, asked after every training step, ends the trial with :class:`TrialStopped` when True.
+    ``stop()``, asked after every training step, ends the trial with :class:`TrialStopped` when True;
+    with a ``checkpoint_path`` and a train loader over :class:`~source.data.loader.SeededEpochs`
+    (whose position is (epoch, batches done)) the trial is checkpointed there first, a later call
+    with the same path continues from it and ends as an uninterrupted trial, and the file is
+    removed once the trial has finished.
     """
     if epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {epochs}")
@@ -202,18 +232,48 @@ def fine_tune(
     val_scores: dict[str, float] = {}
     progress = tqdm(total=epochs * len(train_loader), desc=description, disable=not show_progress,
                     dynamic_ncols=True, leave=False)
+    epochs_sampler = _seeded_epochs(train_loader)
+    checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None and epochs_sampler is not None else None
+    identity = {"lr": lr, "wd": wd, "momentum": momentum, "epochs": epochs, "steps_per_epoch": len(train_loader)}
+    first_epoch, done, lr_at_start = 1, (0, 0.0), None
+    if checkpoint_path is not None and checkpoint_path.is_file():
+        state = load_checkpoint(checkpoint_path, TRIAL_CHECKPOINT_KEYS)
+        if state["identity"] != identity:
+            raise CheckpointError(f"{checkpoint_path} belongs to another trial ({state['identity']}, not {identity}); "
+                                  "remove it to run this trial from its start")
+        for target, key in ((model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
+            target.load_state_dict(state[key])
+        first_epoch, done, lr_at_start = state["epoch"], (state["steps"], state["loss_total"]), state["lr_at_start"]
+        result.history, result.best_val, result.best_epoch = state["history"], state["best_val"], state["best_epoch"]
+        result.best_state = state["best_state"]
+        epochs_sampler.set_epoch(epochs_sampler.epoch + first_epoch - 1, skip=done[0] * _batch_size(train_loader))
+        progress.update((first_epoch - 1) * len(train_loader) + done[0])
+        logger.info("%s: continuing at epoch %d, step %d from %s", description, first_epoch, done[0], checkpoint_path)
     try:
-        for epoch in range(1, epochs + 1):
-            lr_at_start = optimizer.param_groups[0]["lr"]
-            train_loss = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, criterion,
-                                         device, amp_dtype, epoch, progress, layout, stop)
+        for epoch in range(first_epoch, epochs + 1):
+            if lr_at_start is None:
+                lr_at_start = optimizer.param_groups[0]["lr"]
+            try:
+                train_loss = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, criterion,
+                                             device, amp_dtype, epoch, progress, layout, stop, done)
+            except TrialStopped as stopped:
+                if checkpoint_path is not None:
+                    save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                 "epoch": epoch, "steps": stopped.steps, "loss_total": stopped.loss_total,
+                                 "lr_at_start": lr_at_start, "history": result.history, "best_val": result.best_val,
+                                 "best_epoch": result.best_epoch, "best_state": result.best_state,
+                                 "identity": identity}, checkpoint_path)
+                    stopped.checkpointed = True
+                raise
+            done, lr_at_start_of_epoch, lr_at_start = (0, 0.0), lr_at_start, None
             val_scores = evaluate(model, val_loader, device, multilabel, amp_dtype, distributed=False, layout=layout)
             if not math.isfinite(val_scores["loss"]):
                 raise TrialDiverged(f"non-finite validation loss ({val_scores['loss']}) after epoch {epoch}")
             # Weights can explode while BatchNorm keeps the loss finite: that is a divergence too.
             if problems := unhealthy_tensors({"model": model}, cfg.MAX_TENSOR_RMS, cfg.MAX_BUFFER_RMS):
                 raise TrialDiverged(f"diverged weights after epoch {epoch}: {'; '.join(problems[:3])}")
-            metrics = {"epoch": epoch, "train/loss": train_loss, "train/lr": lr_at_start,
+            metrics = {"epoch": epoch, "train/loss": train_loss, "train/lr": lr_at_start_of_epoch,
                        **{f"val/{key}": value for key, value in val_scores.items()}}
             result.history.append(metrics)
             if result.best_val is None or val_scores[score] > result.best_val:
@@ -227,6 +287,8 @@ def fine_tune(
         logger.error("trial diverged and is marked failed: %s", result.error)
     finally:
         progress.close()
+    if checkpoint_path is not None:  # finished (or failed): nothing left to continue
+        checkpoint_path.unlink(missing_ok=True)
 
     if result.status == STATUS_OK:
         result.final_val = val_scores[score]

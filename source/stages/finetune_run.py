@@ -57,6 +57,8 @@ EXTENSIBLE_FLAGS = ("num_runs",)
 HPO_FLAGS = ("hpo_lr_min", "hpo_lr_max", "hpo_wd_min", "hpo_wd_max")
 SEED_RUN_FLAGS = ("lr", "wd")
 BACKBONE_IDENTITY = "content of --pretrained-backbone-filename"
+# A trial's checkpoint, written when a stop signal ends it mid-way, in its folder under trials/.
+TRIAL_CHECKPOINT = "checkpoint.pth"
 
 
 def backbone_stem(args: argparse.Namespace) -> str:
@@ -145,10 +147,12 @@ def run_trial(
                               persistent_workers=args.num_workers > 0,
                               prefetch_factor=args.prefetch_factor if args.num_workers > 0 else None)
 
-    # A rerun of a trial that was killed starts over: its old per-epoch log and wandb run go.
+    # A rerun of a trial that was killed starts over: its old per-epoch log and wandb run go. One that
+    # a stop signal checkpointed (fine_tune: with a SeededEpochs train loader) continues: they stay.
     trial_dir = run_dir / "trials" / f"trial-{trial.index:04d}"
-    for stale in ("metrics.jsonl", "wandb_id.txt"):
-        (trial_dir / stale).unlink(missing_ok=True)
+    if not (trial_dir / TRIAL_CHECKPOINT).is_file():
+        for stale in ("metrics.jsonl", "wandb_id.txt"):
+            (trial_dir / stale).unlink(missing_ok=True)
     writer = MetricsWriter(trial_dir, True, {**vars(args), "trial": trial.index, "trial_seed": trial.seed,
                                              "trial_lr": trial.lr, "trial_wd": trial.wd},
                            args.wandb_project, args.wandb_mode)
@@ -167,6 +171,7 @@ def run_trial(
             on_epoch=lambda metrics: writer.log(metrics, step=int(metrics["epoch"])),
             on_final_model=save_final if args.save_model else None, layout=layout,
             stop=lambda: STOP.requested,  # trials do not communicate: each rank stops its own
+            checkpoint_path=trial_dir / TRIAL_CHECKPOINT,
         )
     finally:
         writer.close()
