@@ -50,7 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     env = start(args)
-    STOP.install([args.model_dir])  # before DataLoader workers start: they leave stop signals to their rank
+    STOP.install([args.model_dir], armed=True)  # before DataLoader workers start: they leave signals to their rank
     resolve_upper_lr_wd(args)
     names = output_names(args)
     run_dir = run_directory(args, names["run"])

@@ -45,7 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     env = start(args)
-    STOP.install([args.model_dir])  # before DataLoader workers start: they leave stop signals to their rank
+    STOP.install([args.model_dir], armed=True)  # before DataLoader workers start: they leave signals to their rank
     batch_size = per_rank_batch_size(args.batch_size, env.world_size)  # fail before touching data
     run_dir = run_directory(args, f"{output_stem(args)}_dset-{args.dset}")
     run_lock = open_run_dir(args, env, run_dir, output_prefixes=(f"{output_stem(args)}_",))

@@ -9,7 +9,9 @@ CPU count and the command line.
 Each stage (pre-training, BiSSL, fine-tuning) first runs uninterrupted on tiny generated data
 (ResNet-18, 16 px, CPU) as the reference; then every fault is applied to a fresh copy and the
 outcome is checked: a killed run (kill -9 of the whole process tree at a random moment, several
-times, one and two processes, a single rank) must, when rerun with the same command, end with
+times, one and two processes, a single rank; also the torchrun launcher alone, whose ranks must be
+gone within 15 s with the run-dir lock free; SIGTERM to one rank, which must stop the run with a
+checkpoint and exit status 75; SIGINT twice, which must stop a run at once without a partial file) must, when rerun with the same command, end with
 the reference's weights (to 1e-6) or, for fine-tuning, each trial's reference row exactly once;
 bad situations (corrupt or foreign checkpoint, full disk, changed flags, a second run in the same
 run directory, read-only --model-dir, NaN or exploding weights, --epochs 0, wandb without a key,
@@ -40,7 +42,10 @@ import torch
 
 from source.maths.models import Projector, build_backbone
 from source.run.checkpoint import save_atomic
+from source.run.runtime import RunDirBusyError, RunDirLock
+from source.run.signals import EXIT_STOPPED
 from tests.script_helpers import ROOT, command, descendants, kill_tree, make_image_folder, script_env
+from tests.stop_helpers import alive, rank_of, wait_for
 
 TAG = "simclr_arch-resnet18"
 BISSL_TAG = f"{TAG}_dset-imagefolder"
@@ -167,6 +172,100 @@ def kill_and_resume(table: Table, stage: Stage, base: Path, seeds: Path, referen
               + (f"; leftover temporaries {left}" if left else ""))
 
 
+def rerun_and_compare(stage: Stage, folder: Path, reference: Path, nproc: int) -> str:
+    """Rerun the stopped run; '' if it then ends where ``reference`` did, else what went wrong."""
+    code, output = run(stage, folder, nproc=nproc)
+    difference = same_outputs(stage, reference, folder) if code == 0 else f"rerun failed ({code}): {output[-400:]}"
+    left = leftovers(folder)
+    return "; ".join(part for part in (difference, f"leftover temporaries {left}" if left else "") if part)
+
+
+def launcher_killed(table: Table, stage: Stage, base: Path, seeds: Path, reference: Path, duration: float,
+                    rng: random.Random) -> None:
+    """kill -9 of torchrun alone: every rank (and DataLoader worker) must stop within 15 s, the lock be free."""
+    folder = fresh(base, seeds, f"{stage.name}-launcher-killed".replace(" ", "_"))
+    delay = rng.uniform(0.3, 0.95) * duration
+    process = launch(stage, folder, nproc=2)
+    time.sleep(delay)
+    below = descendants(process.pid)
+    os.kill(process.pid, 9)
+    process.wait()
+    started = time.monotonic()
+    gone = wait_for(lambda: not any(alive(pid) for pid in below), 15)
+    left_running = [pid for pid in below if alive(pid)]
+    for pid in left_running:  # do not leave them to the rest of the table
+        os.kill(pid, 9)
+    try:
+        RunDirLock(stage.run_dir(folder)).acquire().release()
+        lock_free = True
+    except RunDirBusyError:
+        lock_free = False
+    difference = rerun_and_compare(stage, folder, reference, 2)
+    detail = (f"killed at {delay:.1f} s; {len(below)} processes gone after {time.monotonic() - started:.1f} s"
+              if gone else f"still running after 15 s: {left_running}")
+    table.add(stage.name, "torchrun launcher killed (kill -9, ranks left alone)", gone and lock_free and not difference,
+              detail + ("" if lock_free else "; run-dir lock still held") + (f"; {difference}" if difference else ""))
+
+
+def one_rank_sigterm(table: Table, stage: Stage, base: Path, seeds: Path, reference: Path, duration: float,
+                     rng: random.Random) -> None:
+    """SIGTERM to rank 1 only: the run checkpoints, exits with EXIT_STOPPED (or had already finished), and resumes."""
+    folder = fresh(base, seeds, f"{stage.name}-sigterm-one-rank".replace(" ", "_"))
+    delay = rng.uniform(0.3, 0.95) * duration
+    process = launch(stage, folder, nproc=2)
+    time.sleep(delay)
+    ranks = [pid for pid in descendants(process.pid) if alive(pid)]
+    victim = next((pid for pid in ranks if _rank_or_none(pid) == 1), None)
+    if victim is not None:
+        os.kill(victim, 15)
+    started = time.monotonic()
+    try:
+        output, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        kill_tree(process)
+        table.add(stage.name, "SIGTERM to one rank", False, "the run did not stop within 120 s")
+        return
+    stop_s = time.monotonic() - started
+    stopped = f"exitcode  : {EXIT_STOPPED}" in output and "stopped by SIGTERM at" in output
+    finished = process.returncode == 0
+    difference = rerun_and_compare(stage, folder, reference, 2)
+    detail = (f"signalled at {delay:.1f} s, stopped with status {EXIT_STOPPED} {stop_s:.1f} s later" if stopped
+              else f"exit {process.returncode} (signalled at {delay:.1f} s): {output[-300:]}")
+    table.add(stage.name, "SIGTERM to one rank", (stopped or finished) and victim is not None and not difference,
+              detail + (f"; {difference}" if difference else ""))
+
+
+def _rank_or_none(pid: int) -> int | None:
+    try:
+        return rank_of(pid)
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def second_sigint(table: Table, stage: Stage, base: Path, seeds: Path, reference: Path, duration: float,
+                  rng: random.Random) -> None:
+    """SIGINT twice: the process stops at once (by SIGINT), no partial file is left, the rerun resumes."""
+    folder = fresh(base, seeds, f"{stage.name}-second-sigint".replace(" ", "_"))
+    delay = rng.uniform(0.3, 0.95) * duration
+    process = launch(stage, folder)
+    time.sleep(delay)
+    process.send_signal(2)
+    time.sleep(0.5)  # two signals before the handler runs count as one
+    process.send_signal(2)
+    started = time.monotonic()
+    try:
+        process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        kill_tree(process)
+    stop_s = time.monotonic() - started
+    at_once = process.returncode == -2 and stop_s < 10
+    left = leftovers(folder)
+    difference = rerun_and_compare(stage, folder, reference, 1)
+    table.add(stage.name, "SIGINT twice", (at_once or process.returncode == 0) and not left and not difference,
+              f"signalled at {delay:.1f} s; exit {process.returncode} {stop_s:.1f} s after the second"
+              + (f"; partial files {left}" if left else "") + (f"; {difference}" if difference else ""))
+
+
 def expect_failure(table: Table, stage: Stage, label: str, code: int, output: str, needles: list[str], extra_ok: bool = True,
                    detail: str = "") -> None:
     missing = [needle for needle in needles if needle not in output]
@@ -289,7 +388,10 @@ def main(options: argparse.Namespace) -> int:
                 kill_and_resume(table, stage, base, seeds, reference, duration, rng, f"kill -9 #{index + 1}, {nproc} proc", nproc)
             if nproc == 2:
                 kill_and_resume(table, stage, base, seeds, reference, duration, rng, "one rank killed", 2, rank_only=True)
+                launcher_killed(table, stage, base, seeds, reference, duration, rng)
+                one_rank_sigterm(table, stage, base, seeds, reference, duration, rng)
                 continue
+            second_sigint(table, stage, base, seeds, reference, duration, rng)
             # The 1-process reference's run dir is done: reuse copies of it for the bad situations.
             done = reference
             checkpoint = stage.run_dir(done) / ("results.jsonl" if stage.name == "fine-tuning" else "checkpoint.pth")

@@ -195,6 +195,11 @@ def test_stop_request_sets_a_flag_once_and_workers_ignore_it():
         request.signum = None
         os.kill(os.getpid(), signal.SIGTERM)
         assert not request.requested
+        # Before any loop asked for the flag a signal keeps its usual effect (here: KeyboardInterrupt).
+        request.install()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -298,7 +303,7 @@ import os, signal, sys, time
 from pathlib import Path
 from source.run.signals import STOP
 folder = Path(sys.argv[1])
-STOP.install([folder])
+STOP.install([folder], armed=True)
 partial = folder / f".checkpoint.pth.tmp{os.getpid()}"
 partial.write_bytes(b"half a checkpoint")  # a save in progress when the second signal comes
 print("ready", flush=True)

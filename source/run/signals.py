@@ -23,6 +23,8 @@ after removing the temporary file of a save it interrupted, so no partial file i
 SIGUSR1 inside a Slurm job (``SLURM_JOB_ID`` set) requeues the job (``scontrol requeue``), and the
 requeued job, running the same command in the same run directory, resumes on its own.
 
+Until a loop first asks for the flag (setting up, or code without such a loop, e.g. a detection
+sweep), a signal keeps its usual effect: the process ends (SIGINT: ``KeyboardInterrupt``).
 The handler ignores signals in processes forked from the rank (DataLoader workers inherit it):
 a signal sent to the whole process group or session (torchrun's ``killpg``, Slurm) must not kill
 the workers under a rank that is still finishing its step; they go with their rank.
@@ -98,15 +100,19 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None  # the first stop signal received by this process
+        self.polled = False  # whether a training loop has asked for the flag since install()
         self.stop_agreed = False  # set once the ranks agreed to stop
         self.agreed_signum = 0  # the signal that stopped the run (on any rank), once agreed
         self.owner = os.getpid()
         self.temporary_folders: list[Path] = []
 
-    def install(self, temporary_folders: typing.Iterable[Path] = ()) -> StopRequest:
+    def install(self, temporary_folders: typing.Iterable[Path] = (), armed: bool = False) -> StopRequest:
         """Handle the stop signals in this process (main thread only; elsewhere nothing changes).
-        ``temporary_folders``: where a save interrupted by a second signal leaves its temporary file."""
+        ``temporary_folders``: where a save interrupted by a second signal leaves its temporary file.
+        ``armed``: the caller's loop will ask for the flag, so a signal before its first question
+        already waits for it (else the first question arms the handler)."""
         self.signum, self.stop_agreed, self.agreed_signum, self.owner = None, False, 0, os.getpid()
+        self.polled = armed
         self.temporary_folders = [Path(folder) for folder in temporary_folders]
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
@@ -120,6 +126,12 @@ class StopRequest:
     def _handle(self, signum: int, frame: object) -> None:
         if os.getpid() != self.owner:
             return  # a DataLoader worker of the rank: it goes with its rank
+        if not self.polled:
+            # No loop asks for the flag (yet, or in this code path, e.g. setting up): nothing would
+            # stop at a boundary, so the signal does what it would do without this handler.
+            if signum == signal.SIGINT:
+                signal.default_int_handler(signum, frame)
+            self._die(signum)
         if self.signum is None:
             self.signum = signum
             os.write(2, f"received {signal.Signals(signum).name}: stopping at the next step boundary after a "
@@ -127,6 +139,10 @@ class StopRequest:
             return
         # The second signal: stop now. The handler runs in the main thread, the one that saves, so
         # a save it interrupted is paused here: removing its temporary file leaves no partial file.
+        self._die(signum)
+
+    def _die(self, signum: int) -> None:
+        """Remove this process's temporary files and end it by ``signum``'s default action."""
         for folder in self.temporary_folders:
             for partial in folder.glob(f".*.tmp{os.getpid()}"):
                 partial.unlink(missing_ok=True)
@@ -135,12 +151,15 @@ class StopRequest:
 
     @property
     def requested(self) -> bool:
-        """Whether this process received a stop signal (local; no communication)."""
+        """Whether this process received a stop signal (local; no communication). Asking arms the
+        handler: until a loop asks, a signal has its default effect."""
+        self.polled = True
         return self.signum is not None
 
     def agreed(self, device: object = "cpu") -> bool:
         """Collective: True on every rank if any rank received a stop signal. One ``all_reduce(MAX)``
         of a one-element tensor (on ``device``, which the backend must accept) per call."""
+        self.polled = True
         if self.stop_agreed:
             return True
         import torch
