@@ -17,7 +17,8 @@ bad situations (corrupt or foreign checkpoint, full disk, changed flags, a secon
 run directory, read-only --model-dir, NaN or exploding weights, --epochs 0, wandb without a key,
 every trial failing) must fail with a message that names the problem and lose nothing saved.
 The real full disk and read-only folder use a private mount namespace (``unshare -rm``) and are
-skipped where that is not allowed. Runtime on 2 idle cores: about 10-15 minutes.
+skipped where that is not allowed. Runtime on 2 idle cores: about 10-15 minutes before the three
+stop rows of issue 21 were added (each adds one run and its rerun per stage; not timed since).
 
 Not a pytest test module (its name does not start with ``test_``): it runs for minutes and its
 kill moments are random, so it is a harness to run by hand, from the repository root.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -65,7 +65,7 @@ class ResumableDistributedSampler(DistributedSampler):
 
     skip = 0
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         indices = list(super().__iter__())[self.skip:]
         self.skip = 0
         return iter(indices)
