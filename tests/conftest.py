@@ -25,3 +25,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def restore_stop_signal_handlers():
+    """Entry scripts called in-process install the stop-signal handler (source.run.signals) in the
+    pytest process; put the previous handlers back after each test, so Ctrl-C still stops pytest."""
+    import signal
+
+    from source.run.signals import STOP_SIGNALS
+
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    yield
+    for signum, handler in previous.items():
+        if signal.getsignal(signum) is not handler and handler is not None:
+            signal.signal(signum, handler)
