@@ -440,3 +440,18 @@ def test_a_stopped_trial_checkpoints_at_its_step_and_continues_to_the_uninterrup
     for key, value in want_model.state_dict().items():
         assert torch.allclose(value.float(), got_model.state_dict()[key].float(), atol=1e-6, rtol=0), key
     assert not path.exists()  # the finished trial leaves nothing to continue
+
+
+def test_every_rank_that_start_sets_up_watches_its_launcher(monkeypatch):
+    # ssl_pre-training.py, bissl.py, fine-tuning.py and the probe and curvature tools all begin with start().
+    import argparse
+
+    import source.run.runtime as runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "watch_launcher", lambda: calls.append("watched"))
+    args = argparse.Namespace(omp_num_threads=0, device="cpu", dist_url="env://", world_size=-1, num_workers=0, seed=0)
+    runtime.start(args)
+    assert calls == ["watched"]
+    for tool in ("source/tools/probe.py", "source/tools/curvature.py", "ssl_pre-training.py", "bissl.py", "fine-tuning.py"):
+        assert "env = start(args)" in (ROOT / tool).read_text(), tool
