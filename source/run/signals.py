@@ -88,6 +88,8 @@ def watch_launcher(launcher_pid: int | None = None, force: bool = False, interva
     if not (force or launched_by_torchrun()):
         return
     launcher = _LAUNCHER_PID if launcher_pid is None else launcher_pid
+    # (The kernel sends it when the THREAD that forked us ends; torchrun forks its ranks from its
+    # main thread, which ends only with the launcher. The watchdog below covers everything else.)
     _set_parent_death_signal(signal.SIGKILL)
     # Recheck after the request: a launcher that died before it would send nothing.
     if os.getppid() != launcher or launcher == 1:
