@@ -192,7 +192,8 @@ def launcher_killed(table: Table, stage: Stage, base: Path, seeds: Path, referen
     os.kill(process.pid, 9)
     process.wait()
     started = time.monotonic()
-    gone = wait_for(lambda: not any(alive(pid) for pid in below), 15)
+    gone = wait_for(lambda: not any(alive(pid) for pid in below), 15, interval=0.05)
+    gone_s = time.monotonic() - started
     left_running = [pid for pid in below if alive(pid)]
     for pid in left_running:  # do not leave them to the rest of the table
         os.kill(pid, 9)
@@ -202,7 +203,7 @@ def launcher_killed(table: Table, stage: Stage, base: Path, seeds: Path, referen
     except RunDirBusyError:
         lock_free = False
     difference = rerun_and_compare(stage, folder, reference, 2)
-    detail = (f"killed at {delay:.1f} s; {len(below)} processes gone after {time.monotonic() - started:.1f} s"
+    detail = (f"killed at {delay:.1f} s; {len(below)} processes gone after {gone_s:.1f} s"
               if gone else f"still running after 15 s: {left_running}")
     table.add(stage.name, "torchrun launcher killed (kill -9, ranks left alone)", gone and lock_free and not difference,
               detail + ("" if lock_free else "; run-dir lock still held") + (f"; {difference}" if difference else ""))
