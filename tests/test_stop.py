@@ -455,3 +455,34 @@ def test_every_rank_that_start_sets_up_watches_its_launcher(monkeypatch):
     assert calls == ["watched"]
     for tool in ("source/tools/probe.py", "source/tools/curvature.py", "ssl_pre-training.py", "bissl.py", "fine-tuning.py"):
         assert "env = start(args)" in (ROOT / tool).read_text(), tool
+
+
+LEADER_EXITS_FIRST = """
+import ctypes, sys, threading, time
+from source.run.runtime import RunDirLock
+lock = RunDirLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+# Another thread ends the process 2 s after the main thread has gone: meanwhile the main thread
+# is a zombie and the lock is still held, as in a process whose last threads are still exiting.
+threading.Thread(target=lambda: (time.sleep(2), ctypes.CDLL(None).exit_group(0))).start()
+ctypes.CDLL(None).syscall(60, 0)  # SYS_exit (x86-64): this thread only
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_a_rerun_waits_for_a_dying_holder_instead_of_calling_the_run_dir_busy(tmp_path):
+    if os.uname().machine != "x86_64":
+        pytest.skip("the thread-only exit syscall number is x86-64's")
+    holder = subprocess.Popen([sys.executable, "-c", LEADER_EXITS_FIRST, str(tmp_path)], cwd=ROOT, env=script_env(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert wait_for(lambda: Path(f"/proc/{holder.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z", 5)
+        assert alive(holder.pid)  # its other thread still runs
+        started = time.monotonic()
+        RunDirLock(tmp_path).acquire().release()  # waits for the lock instead of "in use by another run"
+        assert 0.5 < time.monotonic() - started < 10
+    finally:
+        holder.kill()
+        holder.wait()

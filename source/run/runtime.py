@@ -202,7 +202,11 @@ class RunDirLock:
             return True
         except (OSError, ValueError):
             return False
-        return False
+        # A killed holder is a zombie until reaped; its lock goes once its last thread has exited.
+        try:
+            return Path(f"/proc/{int(parts[1])}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except (OSError, IndexError):
+            return False
 
     def release(self) -> None:
         if self._handle is not None:
