@@ -223,6 +223,18 @@ class FinetuneConfig:
     val_fraction: float = opt(0.2, "Share of each class held out for validation when no split file/official val split exists.", above=0, below=1)
     max_eval_samples: int = opt(0, "Cap the val and test sets at this many samples (seeded, stratified; 0 = all). For smoke runs.")
     save_model: int = opt(0, "1: write each trial's fine-tuned backbone and head.", (0, 1))
+    decode_cache: str = opt("auto", "Decode every train/val/test image once per sweep into a memory-mapped uint8 cache shared "
+                            "by all trials, ranks and workers, so each epoch only crops, flips and normalises "
+                            "(docs/data-loading.md): on, off, or auto = on when the estimated size fits "
+                            "--decode-cache-max-gb and the disk.", ("auto", "on", "off"))
+    decode_cache_max_gb: float = opt(16.0, "Budget of --decode-cache auto, in GB, for a dataset's three splits together: "
+                                     "the cache lives in the page cache, one copy per machine (Pets at 96 px: ~0.4 GB, "
+                                     "Food-101: ~7 GB).", above=0)
+    decode_cache_dir: str = opt("", "Folder of the decoded-image caches (default: <data-dir>/.decoded_cache); one "
+                                "per dataset split and resize, reused by later sweeps.")
+    decode_cache_side: int = opt(0, "Short side, in pixels, to which cached train images larger than it are reduced; "
+                                 "0 = the smallest at which every random crop still has --pretrain-img-size stored pixels "
+                                 "per axis (157 at 96 px and crop scale 0.5).")
 
 
 # The paper's detection fine-tuning (Faster R-CNN R50-C4 on VOC07+12, read from the authors' NeurIPS-version

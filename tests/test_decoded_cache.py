@@ -8,6 +8,8 @@ batches with 0 and 2 workers.
 """
 from __future__ import annotations
 
+import errno
+import json
 import os
 import pickle
 import threading
@@ -24,7 +26,10 @@ from source.data.datasets import ImageTree
 from source.data.loader import SeededEpochs, epoch_loader, sample_seed
 from source.data.splits import SplitSubset
 from source.data.transforms import downstream_test_transform, downstream_train_view
+from source.maths.models import build_backbone
+from source.run.checkpoint import save_atomic
 from source.run.errors import UserError
+from tests.script_helpers import load_script, make_image_folder
 
 torch.set_num_threads(1)
 IMG_SIZE = 16
@@ -136,6 +141,20 @@ def test_built_once_reused_and_refused_when_the_source_files_change(tree: Path, 
     assert not builds
 
 
+def test_a_full_disk_is_a_user_error_and_leaves_nothing(tree: Path, monkeypatch) -> None:
+    train, _ = _splits(tree)
+
+    def full(folder, *args, **kwargs):
+        folder.mkdir(parents=True)
+        (folder / "pixels.u8").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dc, "_write", full)
+    with pytest.raises(UserError, match="filled up.*--decode-cache off"):
+        _build(tree, train, dc.ShortSideAtMost(27))
+    assert [p.name for p in (tree / dc.DEFAULT_FOLDER_NAME).iterdir() if p.is_dir()] == []
+
+
 def test_concurrent_processes_build_once(tree: Path, monkeypatch) -> None:
     """Two builders at once (threads take the flock like processes do): one builds, both map it."""
     train, _ = _splits(tree)
@@ -223,3 +242,71 @@ def test_batches_are_identical_with_0_and_2_workers(tree: Path) -> None:
         for a, b in zip(without, with_workers):
             assert all(torch.equal(x, y) for x, y in zip(a, b))
         assert not all(torch.equal(x, y) for x, y in zip(*without))  # the two epochs differ
+
+
+# ------------------------------------------------------------------ fine-tuning.py with the cache
+
+
+def _finetune_rows(data_dir: Path, model_dir: Path, *extra: str) -> list[dict]:
+    script = load_script("fine-tuning.py")
+    flags = ["--dset", "imagefolder", "--data-dir", str(data_dir), "--model-dir", str(model_dir),
+             "--pretrained-backbone-filename", "bb.pth", "--pretrain-arch", "resnet18", "--pretrain-cifar-stem", "1",
+             "--pretrain-img-size", "8", "--batch-size", "4", "--device", "cpu", "--omp-num-threads", "1",
+             "--use-hpo", "0", "--num-runs", "1", "--epochs", "2", "--resume", "0", *extra]
+    args = script.get_args_parser().parse_args(flags)
+    script.main(args)
+    run_dir = model_dir / "runs" / "finetune_pretext_bb_dset-imagefolder_seeds"
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    epochs = [json.loads(line) for line in (run_dir / "trials" / "trial-0000" / "metrics.jsonl").read_text().splitlines()]
+    # The per-epoch train and val losses: floats that differ if a single input pixel differs.
+    rows[0]["losses"] = [(epoch["train/loss"], epoch["val/loss"]) for epoch in epochs]
+    return rows
+
+
+@pytest.fixture
+def finetune_inputs(tmp_path) -> tuple[Path, Path]:
+    """A 3-class image folder of 20 px PNGs and a random ResNet-18 (CIFAR stem) backbone."""
+    data_dir = make_image_folder(tmp_path / "images", classes=3, per_class=8, size=20)
+    torch.manual_seed(0)
+    backbone, _ = build_backbone("resnet18", cifar_stem=True)
+    save_atomic(backbone.state_dict(), tmp_path / "models" / "bb.pth")
+    return data_dir, tmp_path / "models"
+
+
+@pytest.mark.slow
+def test_a_trial_gives_the_same_result_with_the_cache_on_and_off(finetune_inputs) -> None:
+    """Images stored unreduced (--decode-cache-side above their 20 px): the cache serves the same
+    tensors as decoding, so the trial's scores are identical; with the default side (14 px here)
+    the trial runs on reduced copies."""
+    data_dir, model_dir = finetune_inputs
+    off = _finetune_rows(data_dir, model_dir, "--decode-cache", "off", "--num-workers", "0")
+    assert not (data_dir / dc.DEFAULT_FOLDER_NAME).exists()
+    on = _finetune_rows(data_dir, model_dir, "--decode-cache", "on", "--decode-cache-side", "64", "--num-workers", "0")
+    caches = sorted(p.name for p in (data_dir / dc.DEFAULT_FOLDER_NAME).iterdir() if p.is_dir())
+    assert len(caches) == 3 and sum("short-side-at-most-64" in name for name in caches) == 1, caches
+    scores = ("status", "best_val", "best_epoch", "final_val", "test_final", "test_best", "losses")
+    assert [off[0][key] for key in scores] == [on[0][key] for key in scores] and off[0]["status"] == "ok"
+    assert len(off[0]["losses"]) == 2
+    reduced = _finetune_rows(data_dir, model_dir, "--decode-cache", "on", "--num-workers", "0")
+    assert reduced[0]["status"] == "ok" and reduced[0]["losses"] != on[0]["losses"]  # other pixels, other losses
+    assert any("short-side-at-most-14" in p.name for p in (data_dir / dc.DEFAULT_FOLDER_NAME).iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_trial_gives_the_same_result_with_0_and_2_workers(finetune_inputs) -> None:
+    data_dir, model_dir = finetune_inputs
+    scores = ("status", "best_val", "best_epoch", "final_val", "test_final", "test_best", "losses")
+    for mode in ("on", "off"):
+        rows = [_finetune_rows(data_dir, model_dir, "--decode-cache", mode, "--num-workers", workers)[0]
+                for workers in ("0", "2")]
+        assert [rows[0][key] for key in scores] == [rows[1][key] for key in scores] and rows[0]["status"] == "ok", mode
+
+
+@pytest.mark.multiprocess
+def test_building_with_worker_processes_stores_the_same_bytes(tree: Path, tmp_path: Path) -> None:
+    train, _ = _splits(tree)
+    caches = [dc.open_or_build(train, dc.ShortSideAtMost(27), tmp_path / f"cache{workers}", "imagefolder", tree,
+                               num_workers=workers) for workers in (0, 2)]
+    assert np.array_equal(caches[0].index, caches[1].index) and np.array_equal(caches[0].targets, caches[1].targets)
+    assert (caches[0].folder / "pixels.u8").read_bytes() == (caches[1].folder / "pixels.u8").read_bytes()

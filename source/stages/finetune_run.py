@@ -24,9 +24,9 @@ from source.data import (
     DownstreamSplits,
     build_downstream_splits,
     downstream_test_transform,
-    downstream_train_transform,
     subsample,
 )
+from source.data.transforms import downstream_train_view
 from source.maths.models import Classifier, build_backbone
 from source.run import checkpoint as ckpt
 from source.run.distributed import DistEnv, broadcast_object, gather_objects, seed_everything
@@ -38,6 +38,7 @@ from source.run.tracking import MetricsWriter
 from source.stages.engine import memory_format
 from source.stages.evaluation import METRIC_LABELS
 from source.stages.finetune import STATUS_OK, fine_tune, score_name
+from source.stages.finetune_data import serve_splits, trial_train_loader
 from source.stages.hpo import ResultsFile, Trial, pending_trials, plot_hpo_grid, shard_trials, summary_table
 
 # The script's own logger names, so its messages read as before the code moved here.
@@ -81,7 +82,7 @@ def load_splits(args: argparse.Namespace) -> DownstreamSplits:
     splits = None
     try:
         splits = build_downstream_splits(
-            args.dset, Path(args.data_dir), downstream_train_transform(args.pretrain_img_size, args.pretrain_img_crop_min_ratio, bool(args.crop_as_original)),
+            args.dset, Path(args.data_dir), downstream_train_view(args.pretrain_img_size, args.pretrain_img_crop_min_ratio, bool(args.crop_as_original)),
             downstream_test_transform(args.pretrain_img_size), download=bool(args.download_dataset),
             split_seed=args.seed, val_fraction=args.val_fraction,
         )
@@ -141,11 +142,7 @@ def run_trial(
     backbone.load_state_dict(pretrained)
     layout = memory_format(args.channels_last, env.device)  # of the backbone's weights and the input batches
     model = Classifier(backbone, feat_dim, splits.num_classes).to(env.device, memory_format=layout)
-    generator = torch.Generator().manual_seed(trial.seed)
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, generator=generator,
-                              num_workers=args.num_workers, pin_memory=env.device.type == "cuda",
-                              persistent_workers=args.num_workers > 0,
-                              prefetch_factor=args.prefetch_factor if args.num_workers > 0 else None)
+    train_loader = trial_train_loader(args, env, train_set, trial.seed)
 
     # A rerun of a trial that was killed starts over: its old per-epoch log and wandb run go. One that
     # a stop signal checkpointed (fine_tune: with a SeededEpochs train loader) continues: they stay.
@@ -225,6 +222,7 @@ def load_data(args: argparse.Namespace) -> FinetuneData:
     train_set = subsample(splits.train, args.max_train_samples or None, seed=args.seed, stratify=True)
     val_set = subsample(splits.val, args.max_eval_samples or None, seed=args.seed, stratify=True)
     test_set = subsample(splits.test, args.max_eval_samples or None, seed=args.seed, stratify=True)
+    train_set, val_set, test_set = serve_splits(args, train_set, val_set, test_set)  # --decode-cache
     if len(train_set) < args.batch_size:
         raise ConfigError(f"the train split has {len(train_set)} images, fewer than one batch (--batch-size {args.batch_size})")
     return FinetuneData(splits, train_set, val_set, test_set)
