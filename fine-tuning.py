@@ -20,6 +20,14 @@ saved, runs again from its start). A trial whose loss turns NaN/inf is recorded 
 ``failed``, with the reason) and left out of the table; it is not rerun. Per-epoch metrics of
 trial i go to ``<run dir>/trials/trial-<i>/metrics.jsonl``. ``--save-model 1`` writes each trial's
 final backbone and head to ``<model-dir>/finetuned_<origin>_<backbone stem>_dset-<dset>_trial-<i>_{bb,head}.pth``.
+
+Object detection (``--dset voc0712det`` or ``fmnistdet``, source/stages/detection_finetune_run.py):
+Faster R-CNN R-C4 around the backbone, scored by VOC2007 AP50 (%) on val (selection) and test. A
+detection trial runs on all processes together, data-parallel with the GLOBAL ``--batch-size``, and
+trials run one after another; each writes a checkpoint per epoch, so a rerun continues the trial
+it was in. Flags left at their classification defaults take the paper's detection values
+(``config_default.DETECTION_FINETUNE``: 50 epochs, batch 16, 50 trials, lr in [1e-4, 1e-1], wd
+in [1e-6, 1e-2]). ``--save-model 1`` writes ``..._trial-<i>_detector.pth``.
 """
 from __future__ import annotations
 
@@ -34,6 +42,8 @@ from source.run.distributed import cleanup_distributed
 from source.run.errors import UserError, run_entry_point
 from source.run.runtime import amp_dtype, open_run_dir, run_directory, start
 from source.run.signals import STOP
+from source.stages.detection_finetune import DETECTION_SCORE, is_detection_dataset, resolve_detection_defaults
+from source.stages.detection_finetune_run import load_detection_data, run_detection_sweep
 from source.stages.finetune import TrialStopped, score_name
 from source.stages.finetune_run import (
     END_OF_SWEEP_TIMEOUT,
@@ -66,16 +76,20 @@ def main(args: argparse.Namespace) -> None:
     env = start(args)
     STOP.install([args.model_dir])  # before DataLoader workers start: they leave stop signals to their rank
     trial_logger.setLevel(logging.INFO)
+    detection = is_detection_dataset(args.dset)
+    if detection:
+        parser = get_args_parser()
+        resolve_detection_defaults(args, {name: parser.get_default(name) for name in cfg.DETECTION_FINETUNE})
     run_dir = run_directory(args, run_name(args))
     dtype = amp_dtype(args.amp, env.device)
     run_lock = open_run_dir(args, env, run_dir, output_prefixes=(trial_weights_prefix(args),))
     # gloo honours a per-group timeout for a barrier on every device type (see END_OF_SWEEP_TIMEOUT).
     end_group = dist.new_group(backend="gloo", timeout=END_OF_SWEEP_TIMEOUT) if env.distributed else None
 
-    data = load_data(args)
+    data = load_detection_data(args) if detection else load_data(args)
     pretrained = load_pretrained_backbone(args)
     inputs = backbone_identity(args)
-    metric = score_name(data.splits.multilabel)
+    metric = DETECTION_SCORE if detection else score_name(data.splits.multilabel)
     logger.info("%s: %d train / %d val / %d test images, %d classes; backbone %s (%s)", args.dset, len(data.train_set),
                 len(data.val_set), len(data.test_set), data.splits.num_classes, args.pretrained_backbone_filename,
                 args.backbone_origin)
@@ -83,22 +97,24 @@ def main(args: argparse.Namespace) -> None:
     check_run_config(args, run_dir, inputs, get_args_parser())
     if env.is_main:
         prepare_run_dir(args, run_dir, inputs)
-    mine = my_pending_trials(args, env, results, run_dir)
-
-    # Worker processes start on first use only; val's stay up across this rank's trials.
-    val_loader = eval_loader(data.val_set, args, env.device, persistent=True)
-    test_loader = eval_loader(data.test_set, args, env.device, persistent=False)
-    for index in mine:
-        trial = make_trial(index, args.seed, bool(args.use_hpo), args.lr, args.wd,
-                           (args.hpo_lr_min, args.hpo_lr_max), (args.hpo_wd_min, args.hpo_wd_max))
-        try:
-            row = run_trial(args, env, trial, pretrained, data.train_set, val_loader, test_loader, data.splits, dtype, run_dir)
-        except TrialStopped as stopped:
-            STOP.exit(f"trial {index}, {stopped} (rank {env.rank})", announce=True,
-                      saved="finished trials are recorded, " + ("this one's checkpoint is written" if stopped.checkpointed
-                                                                else "this one runs again from its start"))
-        results.append(row)
-        log_trial(env, trial, row, metric)
+    if detection:  # every trial on all ranks together
+        run_detection_sweep(args, env, results, run_dir, pretrained, data, dtype)
+    else:
+        mine = my_pending_trials(args, env, results, run_dir)
+        # Worker processes start on first use only; val's stay up across this rank's trials.
+        val_loader = eval_loader(data.val_set, args, env.device, persistent=True)
+        test_loader = eval_loader(data.test_set, args, env.device, persistent=False)
+        for index in mine:
+            trial = make_trial(index, args.seed, bool(args.use_hpo), args.lr, args.wd,
+                               (args.hpo_lr_min, args.hpo_lr_max), (args.hpo_wd_min, args.hpo_wd_max))
+            try:
+                row = run_trial(args, env, trial, pretrained, data.train_set, val_loader, test_loader, data.splits, dtype, run_dir)
+            except TrialStopped as stopped:
+                STOP.exit(f"trial {index}, {stopped} (rank {env.rank})", announce=True,
+                          saved="finished trials are recorded, " + ("this one's checkpoint is written" if stopped.checkpointed
+                                                                    else "this one runs again from its start"))
+            results.append(row)
+            log_trial(env, trial, row, metric)
 
     if end_group is not None:
         dist.barrier(group=end_group)

@@ -35,6 +35,7 @@ from source.stages.finetune import STATUS_FAILED, STATUS_OK
 from source.stages.hpo import RESULT_KEYS, ResultsFile
 from source.tools.compare import load_run
 from tests.distributed_harness import run_in_processes
+from tests.script_helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION_MNIST = ROOT / "data" / "FashionMNIST"
@@ -286,3 +287,29 @@ def test_a_trial_killed_with_sigkill_and_started_again_ends_as_an_uninterrupted_
     row_a, row_b = (torch.load(tmp_path / f"{name}.row", weights_only=True) for name in "ab")
     for name in ("best_val", "best_epoch", "final_val", "test_final", "test_best", "test_final_ap75", "test_final_ap"):
         assert row_b[name] == pytest.approx(row_a[name], abs=1e-6), name
+
+
+@pytest.mark.slow
+def test_fine_tuning_py_dispatches_a_detection_dset_to_the_detection_sweep(data_dir, tmp_path, monkeypatch, capsys):
+    import source.stages.detection_finetune_run as detection_run
+
+    monkeypatch.setattr(detection_run, "detector_settings", lambda args: SETTINGS)  # small images and samples
+    script = load_script("fine-tuning.py")
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    torch.save(pretrained_backbone(), model_dir / "bb.pth")
+    flags = ["--dset", "fmnistdet", "--data-dir", str(data_dir), "--model-dir", str(model_dir),
+             "--pretrained-backbone-filename", "bb.pth", "--pretrain-arch", "resnet18", "--epochs", "1",
+             "--batch-size", "4", "--num-runs", "2", "--max-train-samples", "4", "--max-eval-samples", "4",
+             "--device", "cpu", "--num-workers", "0", "--omp-num-threads", "1"]
+    script.main(script.get_args_parser().parse_args(flags))
+    run_dir = model_dir / "runs" / "finetune_pretext_bb_dset-fmnistdet_hpo"
+    rows = ResultsFile(run_dir / "results.jsonl").rows()
+    assert [row["trial"] for row in rows] == [0, 1] and {row["metric"] for row in rows} == {"ap50"}
+    assert all(row["lr"] <= 0.1 and row["wd"] >= 1e-6 for row in rows)  # the detection grid
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["epochs"], config["batch_size"], config["hpo_lr_max"], config["hpo_wd_min"]) == (1, 4, 0.1, 1e-6)
+    assert "AP50 (%)" in (run_dir / "summary.txt").read_text() and (run_dir / "hpo_grid.png").is_file()
+    capsys.readouterr()
+    script.main(script.get_args_parser().parse_args(flags))  # the same command again: nothing left to run
+    assert ResultsFile(run_dir / "results.jsonl").rows() == rows
