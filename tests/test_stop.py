@@ -293,9 +293,13 @@ def test_sigterm_to_one_finetuning_rank_keeps_finished_trials_and_the_rerun_ends
     assert f"exitcode  : {signals.EXIT_STOPPED}" in log.read_text()
     done = case.progress(stopped)
     assert 1 <= done < case.total
-    assert "finished trials are recorded" in _stop_line(log)
+    assert "finished trials are recorded, this one's checkpoint is written" in _stop_line(log)
+    trials = stopped / "runs" / FINETUNE_RUN / "trials"
+    assert list(trials.glob("trial-*/checkpoint.pth")), "no trial checkpoint was written"
+    assert not temporaries(stopped)
     run_script("fine-tuning.py", *case.flags(images, stopped), nproc=2)
     case.compare(straight, stopped)
+    assert not list(trials.glob("trial-*/checkpoint.pth"))  # continued trials leave none behind
 
 
 SECOND_SIGNAL = """
