@@ -191,3 +191,39 @@ def test_evaluating_in_the_main_thread_leaves_a_prefetching_streams_views_alone(
         return batches
 
     assert all(torch.equal(a, b) for a, b in zip(read(False), read(True)))
+
+
+def test_worker_forked_while_a_thread_holds_the_augment_lock_does_not_hang():
+    """A DataLoader worker forked while one of the parent's prefetch threads holds the augment lock
+    must get a free lock of its own (the holder thread does not exist in the child)."""
+    from torch.utils.data import DataLoader
+
+    from source.data import loader as loading
+
+    class Draws(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return torch.rand(2)
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold_lock():
+        with loading._AUGMENT_LOCK:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_lock, daemon=True)
+    holder.start()
+    assert held.wait(10)
+    try:
+        keys = [(index, 100 + index) for index in range(4)]
+        batches = DataLoader(loading.SeededDataset(Draws()), batch_size=2, sampler=keys, num_workers=1,
+                             multiprocessing_context="fork", timeout=20)
+        values = torch.cat(list(batches))
+    finally:
+        release.set()
+        holder.join()
+    torch.manual_seed(100)
+    assert torch.equal(values[0], torch.rand(2))

@@ -140,6 +140,17 @@ class SeededEpochs(Sampler):
 _AUGMENT_LOCK = threading.Lock()
 
 
+def _renew_augment_lock() -> None:
+    """In a forked child (a DataLoader worker), replace the lock: a prefetch thread of the parent
+    may have held it at the moment of the fork, and that thread does not exist in the child, so the
+    inherited copy would stay locked forever and the worker would hang in its first item."""
+    global _AUGMENT_LOCK
+    _AUGMENT_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_renew_augment_lock)
+
+
 class SeededDataset(Dataset):
     """``dataset`` indexed by ``(index, seed)``: reseeds torch's CPU generator with ``seed``, then
     returns ``dataset[index]`` (whose transform then draws from that seed). Both happen under a
