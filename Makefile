@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   -- venv + requirements + the package (editable) + FashionMNIST, then the embedded end-to-end demo
-#   make test   -- the same set-up, then the whole test suite (what CI runs)
+#   make test   -- the same set-up, then the test suite without the long fault-injection runs (what CI runs)
+#   make test-all -- everything, the long runs too (about 17 minutes)
 # and, day to day:
 #   make test-fast          -- the tests that take under ~5 s each and start no process (under a minute)
 #   make bench [QUICK=1]    -- every benchmark in bench/ (QUICK=1: tiny sizes, checks that they run)
@@ -11,7 +12,7 @@ DATA_DIR ?= data
 MODEL_DIR ?= models
 QUICK ?=
 
-.PHONY: demo test test-fast setup data bench clean-demo lint fetch-weights
+.PHONY: demo test test-all test-fast setup data bench clean-demo lint fetch-weights
 
 # The package is installed editable (pip install -e .), so bench/, experiments/ and tools import
 # `source` and `config_default` from anywhere. --no-build-isolation builds it with the venv's own
@@ -39,6 +40,11 @@ demo: data
 	$(PY) demo.py --data-dir $(DATA_DIR)
 
 test: data
+	$(PY) -m pytest -q -m "not long" tests
+
+# Everything, including the long fault-injection runs (launcher killed, SIGTERM/SIGINT/SIGUSR1) and the
+# benchmarks' smoke runs: about 17 minutes on 2 idle cores.
+test-all: data
 	$(PY) -m pytest -q tests
 
 test-fast: data

@@ -23,6 +23,7 @@ def test_every_benchmark_is_found():
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("script", BENCHMARKS)
+@pytest.mark.long
 def test_benchmark_runs_quick_and_writes_a_finite_ratio(script, tmp_path):
     if script in NEEDS:
         pytest.importorskip(NEEDS[script], reason=f"{script} compares with {NEEDS[script]} (pip install -r requirements-dev.txt)")

@@ -116,6 +116,7 @@ def test_training_lowers_the_loss_and_the_row_holds_what_the_sweep_and_compare_r
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_trial_stopped_after_an_epoch_and_started_again_ends_as_an_uninterrupted_one(data_dir, tmp_path):
     splits = build_detection_splits("fmnistdet", data_dir)  # with flips: their draws must repeat too
     epochs = 3
@@ -262,6 +263,7 @@ def _trial_process(data_dir: Path, checkpoint: Path, out: Path) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_trial_killed_with_sigkill_and_started_again_ends_as_an_uninterrupted_one(data_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     reference = subprocess.run(_trial_process(data_dir, tmp_path / "a.ckpt", tmp_path / "a") + ["1"], cwd=ROOT, env=env,

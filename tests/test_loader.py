@@ -126,6 +126,7 @@ print("done")  # exits without closing: the interpreter's exit must stop and joi
 
 
 @pytest.mark.multiprocess
+@pytest.mark.long
 def test_interpreter_exit_with_a_running_prefetch_thread_is_clean():
     import subprocess
     from pathlib import Path

@@ -77,6 +77,7 @@ def test_resume_after_kill_matches_uninterrupted_run(images, tmp_path):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+@pytest.mark.long
 def test_bad_input_fails_clearly_and_damages_nothing(images, tmp_path):
     precious = tmp_path / "pretext_simclr_arch-resnet18_bb.pth"
     precious.write_bytes(b"already saved")

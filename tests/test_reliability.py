@@ -375,6 +375,7 @@ def bissl_flags(images: Path, model_dir: Path, *extra: str) -> list[str]:
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+@pytest.mark.long
 def test_two_rank_bissl_killed_after_its_second_checkpoint_resumes_to_the_uninterrupted_result(images, pretext_models, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for folder in (straight, resumed):

@@ -129,6 +129,7 @@ def _fresh(folder: Path, models: Path) -> Path:
 @pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("script", list(CASES))
+@pytest.mark.long
 def test_killing_the_launcher_stops_every_rank_frees_the_lock_and_a_rerun_resumes(script, inputs, tmp_path):
     images, models = inputs
     case = CASES[script]
@@ -226,6 +227,7 @@ def _stop_line(log: Path) -> str:
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+@pytest.mark.long
 def test_sigterm_to_one_pretraining_rank_checkpoints_mid_epoch_and_the_rerun_ends_equal(inputs, tmp_path):
     images, models = inputs
     # 32 images, global batch 4: 8 steps per epoch, so the stop lands inside an epoch.
@@ -258,6 +260,7 @@ def test_sigterm_to_one_pretraining_rank_checkpoints_mid_epoch_and_the_rerun_end
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+@pytest.mark.long
 def test_sigterm_to_one_bissl_rank_checkpoints_after_the_alternation_and_the_rerun_ends_equal(inputs, tmp_path):
     images, models = inputs
     case = CASES["bissl.py"]
@@ -280,6 +283,7 @@ def test_sigterm_to_one_bissl_rank_checkpoints_after_the_alternation_and_the_rer
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+@pytest.mark.long
 def test_sigterm_to_one_finetuning_rank_keeps_finished_trials_and_the_rerun_ends_equal(inputs, tmp_path):
     images, models = inputs
     case = CASES["fine-tuning.py"]
@@ -330,6 +334,7 @@ def test_a_second_signal_stops_at_once_and_removes_the_partial_save(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_second_sigint_stops_a_real_run_at_once_without_a_partial_file(inputs, tmp_path):
     images, models = inputs
     folder = _fresh(tmp_path / "run", models)
@@ -379,6 +384,7 @@ def test_requeue_calls_scontrol_only_inside_a_job(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_sigusr1_in_a_slurm_job_checkpoints_requeues_and_the_requeued_run_resumes(inputs, tmp_path):
     images, models = inputs
     extra, calls = _fake_scontrol(tmp_path)
@@ -475,6 +481,7 @@ ctypes.CDLL(None).syscall(60, 0)  # SYS_exit (x86-64): this thread only
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_rerun_waits_for_a_dying_holder_instead_of_calling_the_run_dir_busy(tmp_path):
     if os.uname().machine != "x86_64":
         pytest.skip("the thread-only exit syscall number is x86-64's")

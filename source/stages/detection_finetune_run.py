@@ -34,7 +34,7 @@ from source.run.distributed import DistEnv, barrier, broadcast_object, seed_ever
 from source.run.errors import ConfigError, MissingInputError
 from source.run.tracking import MetricsWriter
 from source.stages.detection_finetune import DETECTION_SCORE, DetectorSettings, build_detector, fine_tune_detector
-from source.stages.finetune_run import log_trial, trial_weights_prefix
+from source.stages.finetune_run import log_trial, missing_backbone_file, trial_weights_prefix
 from source.stages.hpo import ResultsFile, Trial, make_trial, pending_trials
 
 logger = logging.getLogger("fine-tuning")
@@ -59,10 +59,7 @@ def load_detection_data(args: argparse.Namespace) -> DetectionData:
     """train / val / test of ``--dset`` under ``--data-dir``, capped by ``--max-train-samples`` /
     ``--max-eval-samples`` (a seeded choice of images); a missing dataset and a missing backbone
     file are reported together."""
-    problems = []
-    weights_path = Path(args.model_dir) / args.pretrained_backbone_filename
-    if not weights_path.is_file():
-        problems.append(f"backbone weights not found: {weights_path} (check --model-dir and --pretrained-backbone-filename)")
+    problems = missing_backbone_file(args)
     splits = None
     try:
         splits = build_detection_splits(args.dset, Path(args.data_dir), download=bool(args.download_dataset))

@@ -73,12 +73,18 @@ def run_name(args: argparse.Namespace) -> str:
     return f"finetune_{args.backbone_origin}_{backbone_stem(args)}_dset-{args.dset}_{mode}"
 
 
+def missing_backbone_file(args: argparse.Namespace) -> list[str]:
+    """The problem with ``--pretrained-backbone-filename``, if its file is missing (a list, so a
+    missing dataset can be reported in the same message)."""
+    weights_path = Path(args.model_dir) / args.pretrained_backbone_filename
+    if weights_path.is_file():
+        return []
+    return [f"backbone weights not found: {weights_path} (check --model-dir and --pretrained-backbone-filename)"]
+
+
 def load_splits(args: argparse.Namespace) -> DownstreamSplits:
     """The downstream splits; a missing dataset and a missing backbone file are reported together."""
-    problems = []
-    weights_path = Path(args.model_dir) / args.pretrained_backbone_filename
-    if not weights_path.is_file():
-        problems.append(f"backbone weights not found: {weights_path} (check --model-dir and --pretrained-backbone-filename)")
+    problems = missing_backbone_file(args)
     splits = None
     try:
         splits = build_downstream_splits(
