@@ -85,3 +85,21 @@ def kill_tree(process: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
     process.wait()
+
+
+def write_random_pretext_weights(models: Path) -> None:
+    """Seeded random ResNet-18 pretext weights in ``models``: backbone and projector (``32-16``) for
+    SimCLR and BYOL, and BYOL's predictor, named as ssl_pre-training.py names them. The standard
+    stem keeps 16 px images cheap (4x4 maps in the double backward)."""
+    import torch
+
+    from source.maths.models import Projector, build_backbone
+    from source.run.checkpoint import save_atomic
+
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("resnet18")
+    projector = Projector(dim, "32-16")
+    for kind in ("simclr", "byol"):
+        save_atomic(backbone.state_dict(), models / f"pretext_{kind}_arch-resnet18_bb.pth")
+        save_atomic(projector.state_dict(), models / f"pretext_{kind}_arch-resnet18_proj.pth")
+    save_atomic(Projector(16, "32-16").state_dict(), models / "pretext_byol_arch-resnet18_pred.pth")

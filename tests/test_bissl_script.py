@@ -7,22 +7,14 @@ import time
 import pytest
 import torch
 
-from source.maths.models import Projector, build_backbone
-from source.run.checkpoint import save_atomic
-from tests.script_helpers import ROOT, command, make_image_folder, run_script, script_env
+from tests.script_helpers import ROOT, command, make_image_folder, run_script, script_env, write_random_pretext_weights
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     images = make_image_folder(tmp_path_factory.mktemp("images"), classes=2, per_class=20, size=16)
     models = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    backbone, dim = build_backbone("resnet18")  # standard stem: 16 px -> 4x4 maps, cheap double backward
-    projector = Projector(dim, "32-16")
-    for kind in ("simclr", "byol"):
-        save_atomic(backbone.state_dict(), models / f"pretext_{kind}_arch-resnet18_bb.pth")
-        save_atomic(projector.state_dict(), models / f"pretext_{kind}_arch-resnet18_proj.pth")
-    save_atomic(Projector(16, "32-16").state_dict(), models / "pretext_byol_arch-resnet18_pred.pth")
+    write_random_pretext_weights(models)
     return images, models
 
 

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from source.maths.models import Projector, build_backbone
-from source.run.checkpoint import save_atomic
-from tests.script_helpers import load_script, make_image_folder
+from source.maths.models import build_backbone
+from tests.script_helpers import load_script, make_image_folder, write_random_pretext_weights
 
 # Read by run_entry_point (the wrapper around main), not by main; tested in tests/test_errors.py.
 WRAPPER_FLAGS = {"debug"}
@@ -56,13 +55,7 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
     """An image-folder dataset and random pretext weights (SimCLR and BYOL, resnet18)."""
     images = make_image_folder(tmp_path_factory.mktemp("images"), classes=2, per_class=16, size=16)
     models = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    backbone, dim = build_backbone("resnet18")
-    projector = Projector(dim, "32-16")
-    for kind in ("simclr", "byol"):
-        save_atomic(backbone.state_dict(), models / f"pretext_{kind}_arch-resnet18_bb.pth")
-        save_atomic(projector.state_dict(), models / f"pretext_{kind}_arch-resnet18_proj.pth")
-    save_atomic(Projector(16, "32-16").state_dict(), models / "pretext_byol_arch-resnet18_pred.pth")
+    write_random_pretext_weights(models)
     return images, models
 
 
