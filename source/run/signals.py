@@ -167,9 +167,13 @@ class StopRequest:
         import torch
         import torch.distributed as dist
 
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            # One process: nothing to agree on, and no device tensor whose .item() would sync a GPU every step.
+            if self.signum:
+                self.stop_agreed, self.agreed_signum = True, int(self.signum)
+            return self.stop_agreed
         flag = torch.tensor([float(self.signum or 0)], device=device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0:
             self.stop_agreed, self.agreed_signum = True, int(flag.item())
         return self.stop_agreed
