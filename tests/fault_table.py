@@ -10,7 +10,7 @@ Each stage (pre-training, BiSSL, fine-tuning) first runs uninterrupted on tiny g
 (ResNet-18, 16 px, CPU) as the reference; then every fault is applied to a fresh copy and the
 outcome is checked: a killed run (kill -9 of the whole process tree at a random moment, several
 times, one and two processes, a single rank; also the torchrun launcher alone, whose ranks must be
-gone within 15 s with the run-dir lock free; SIGTERM to one rank, which must stop the run with a
+gone within 15 s with the run-dir lock free; SIGTERM to one rank at a random moment after its handler is installed, which must stop the run with a
 checkpoint and exit status 75; SIGINT twice, which must stop a run at once without a partial file) must, when rerun with the same command, end with
 the reference's weights (to 1e-6) or, for fine-tuning, each trial's reference row exactly once;
 bad situations (corrupt or foreign checkpoint, full disk, changed flags, a second run in the same
@@ -46,7 +46,7 @@ from source.run.checkpoint import save_atomic
 from source.run.runtime import RunDirBusyError, RunDirLock
 from source.run.signals import EXIT_STOPPED
 from tests.script_helpers import ROOT, command, descendants, kill_tree, make_image_folder, script_env
-from tests.stop_helpers import alive, rank_of, wait_for
+from tests.stop_helpers import alive, catches, rank_of, wait_for
 
 TAG = "simclr_arch-resnet18"
 BISSL_TAG = f"{TAG}_dset-imagefolder"
@@ -213,11 +213,19 @@ def one_rank_sigterm(table: Table, stage: Stage, base: Path, seeds: Path, refere
                      rng: random.Random) -> None:
     """SIGTERM to rank 1 only: the run checkpoints, exits with EXIT_STOPPED (or had already finished), and resumes."""
     folder = fresh(base, seeds, f"{stage.name}-sigterm-one-rank".replace(" ", "_"))
-    delay = rng.uniform(0.3, 0.95) * duration
     process = launch(stage, folder, nproc=2)
-    time.sleep(delay)
-    ranks = [pid for pid in descendants(process.pid) if alive(pid)]
-    victim = next((pid for pid in ranks if _rank_or_none(pid) == 1), None)
+    launched = time.monotonic()
+
+    def rank_one() -> int | None:
+        ranks = [pid for pid in descendants(process.pid) if alive(pid)]
+        return next((pid for pid in ranks if _rank_or_none(pid) == 1), None)
+
+    # A random moment of the run once rank 1 handles SIGTERM: before its handler is installed (imports,
+    # process-group set-up) the signal ends the process as it would without one, before any training.
+    wait_for(lambda: (pid := rank_one()) is not None and catches(pid, 15), 120, interval=0.05)
+    time.sleep(rng.uniform(0.0, 0.6) * duration)
+    delay = time.monotonic() - launched
+    victim = rank_one()
     if victim is not None:
         os.kill(victim, 15)
     started = time.monotonic()

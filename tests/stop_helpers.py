@@ -63,6 +63,17 @@ def rank_of(pid: int) -> int:
     return int(next(item for item in environ if item.startswith(b"RANK=")).split(b"=", 1)[1])
 
 
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler installed for ``signum`` (SigCgt of /proc/PID/status):
+    a signal before that does what the OS does without one (the script has not reached its loop)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next((line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), "0")
+    return bool(int(caught, 16) >> (signum - 1) & 1)
+
+
 def temporaries(folder: Path) -> list[Path]:
     """Temporary files of atomic saves (``.<name>.tmp<pid>``) anywhere under ``folder``."""
     return [path for path in folder.rglob(".*.tmp*") if path.is_file()]
