@@ -34,6 +34,7 @@ from source.stages.bissl_run import (
     BisslCheckpoint,
     build_data,
     build_trainer,
+    log_start_alignment,
     output_names,
     progress_postfix,
     resolve_upper_lr_wd,
@@ -70,6 +71,7 @@ def main(args: argparse.Namespace) -> None:
         if env.is_main:
             ckpt.write_json_atomic(vars(args), run_dir / "config.json")
         warm_up_head(args, env, trainer, data, writer)
+        log_start_alignment(env, trainer, data, writer, dtype)
         checkpoint.save(0, history)
         if STOP.agreed(env.device):
             writer.close()

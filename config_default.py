@@ -17,14 +17,17 @@ from typing import Any, Optional
 
 def opt(default: Any, help: str, choices: tuple | None = None, *, at_least: float | None = None,
         above: float | None = None, at_most: float | None = None, below: float | None = None,
-        split_over_ranks: bool = False) -> Any:
+        split_over_ranks: bool | str = False, detection: Any = None) -> Any:
     """A dataclass field carrying its command-line help text, optional choices and, for numbers, the
     bounds a value must respect (checked at parse time; a number without bounds must be >= 0).
-    ``split_over_ranks``: a GLOBAL batch size that must divide by the world size (also checked at parse time)."""
+    ``split_over_ranks``: a GLOBAL batch size that must divide by the world size (also checked at parse time);
+    ``"detection"``: one for detection datasets only.
+    ``detection``: the default when the script's dataset is a detection one (``default`` is the
+    classification one); the parser fills in the one for the task when the flag is not given."""
     bounds = {name: value for name, value in
               {"at_least": at_least, "above": above, "at_most": at_most, "below": below}.items() if value is not None}
     return field(default=default, metadata={"help": help, "choices": choices, "bounds": bounds,
-                                            "split_over_ranks": split_over_ranks})
+                                            "split_over_ranks": split_over_ranks, "detection_default": detection})
 
 
 @dataclass
@@ -75,6 +78,11 @@ WARMUP_UPDATE_BN_HELP = (
     "1: as the original, the head warmup's train-mode passes also update the frozen backbone's BN running statistics "
     "(used only by the eval-mode val scores of the upper model, not by training); 0: its state_dict stays bit-identical."
 )
+
+# The weighted kNN classifier of the probe (source.tools.probe) and of bissl.py's alignment metrics
+# (--lower-knn-every): k = 20 neighbours, vote weights exp(cos / 0.07) (Wu et al. 2018; DINO, solo-learn).
+KNN_K = 20
+KNN_TEMPERATURE = 0.07
 
 # Shared by pre-training and the BiSSL lower level.
 LARS_ETA = 0.001  # LARS trust coefficient (You et al., 2017), as the paper.
@@ -127,12 +135,13 @@ class BisslConfig:
     crop_as_original: int = opt(0, CROP_AS_ORIGINAL_HELP, (0, 1))
     epochs: int = opt(500, "Number of alternations T (each: --lower-num-iter lower steps, then --upper-num-iter upper steps).", at_least=1)
     d_dset: str = opt("pets", "Downstream dataset (upper level).")
-    d_batch_size: int = opt(256, "GLOBAL downstream batch size.", at_least=1, split_over_ranks=True)
+    d_batch_size: int = opt(256, "GLOBAL downstream batch size.", at_least=1, split_over_ranks=True, detection=16)
     d_lr: Optional[float] = opt(None, "Upper-level SGD lr (default: the paper's per-dataset value, see UPPER_LR_WD).", above=0)
     d_wd: Optional[float] = opt(None, "Upper-level weight decay (default: the paper's per-dataset value).")
     d_momentum: float = opt(0.9, "Upper-level SGD momentum.", at_least=0, below=1)
     d_optimizer: str = opt("sgd", "Upper-level optimizer.", ("sgd",))
-    d_linear_warmup_epochs: int = opt(20, "Epochs of training the downstream head alone (backbone frozen) before the alternations.")
+    d_linear_warmup_epochs: int = opt(20, "Epochs of training the downstream head alone (backbone frozen) before the alternations "
+                                      "(detection: the RPN and RoI heads).", detection=5)
     d_linear_warmup_update_bn: int = opt(0, WARMUP_UPDATE_BN_HELP, (0, 1))
     multilabel_loss: str = opt("bce", MULTILABEL_LOSS_HELP, ("bce", "ce"))
     max_eval_samples: int = opt(0, "Cap the downstream val set at this many samples (seeded, stratified; 0 = all). For smoke runs.")
@@ -164,11 +173,36 @@ class BisslConfig:
                          "alpha/beta per tensor (the original); global = textbook CG; minres = MINRES (monotone "
                          "residual, also for indefinite systems). See docs/implicit-gradient.md.",
                          ("layerwise", "global", "minres"))
+    hvp_precision: str = opt("fp32", "Precision of the Hessian-vector products and of the solve: fp32 = float32 as PyTorch's "
+                             "defaults run it (the behaviour before this flag; on CUDA cuDNN may then run convolutions in "
+                             "TF32, matmuls stay IEEE); fp32-strict = IEEE float32, TF32 off for matmuls and convolutions; "
+                             "tf32 = TF32 matmuls and convolutions on CUDA; bf16 = the HVP's forward and double backward "
+                             "under bf16 autocast, the solver's vectors and recurrences in float32; fp64 = a float64 copy "
+                             "of the lower model and a float64 solve (slow; a reference). On CPU fp32, fp32-strict and tf32 "
+                             "are the same. Default fp32 until a GPU measurement of accuracy and speed "
+                             "(bench/bench_solvers.py --precisions, bench/cuda_run.sh) says otherwise.",
+                             ("fp32", "fp32-strict", "tf32", "bf16", "fp64"))
     cg_verbose: int = opt(0, "1: log the solver's residual norms of every upper step.", (0, 1))
     curvature_every: int = opt(0, "Every N alternations, probe the pretext Hessian H with Lanczos (source/tools/curvature.py) and log "
                                "its extreme Ritz values and the smallest lam + delta making I + H/(lam + delta) positive "
                                "definite (0 = never; costs --curvature-iters HVPs).")
     curvature_iters: int = opt(30, "Lanczos iterations (HVPs) of each curvature probe.")
+    lower_knn_every: int = opt(0, "Every N alternations and after the last, log align/lower_knn_top1 and align/upper_knn_top1: "
+                               f"kNN top-1 (the rule of source.tools.probe: k = {KNN_K}, T = {KNN_TEMPERATURE}) of the lower "
+                               "(theta_P) and upper (theta_D) backbone's features, a fixed seeded query set of the val split "
+                               "scored against a fixed seeded bank of the downstream train split, both with the "
+                               "deterministic test transform; BatchNorm in eval mode (running statistics), nothing "
+                               "changed. Also once after the head warmup. 0 = never. Costs 2 x (bank + query) "
+                               "forward passes each time (docs/evidence.md).")
+    align_bank_size: int = opt(1000, "kNN bank of --lower-knn-every: this many downstream train images (stratified, seeded; "
+                               "the whole train split when smaller).", at_least=1)
+    align_query_size: int = opt(1000, "kNN queries of --lower-knn-every: this many val images (stratified, seeded; the whole "
+                                "val split when smaller).", at_least=1)
+    eval_bn_recalibrate_batches: int = opt(0, "K > 0: evaluate theta_D + head on val after each alternation on a COPY whose "
+                                           "BatchNorm running statistics are re-estimated (equal-weight average) over K "
+                                           "fixed, seeded global batches of downstream train images with the test "
+                                           "transform, so the val curve measures the weights rather than how far the "
+                                           "running statistics lag them. Training is unchanged. 0 = the model's own statistics.")
     upper_plain_grad_scale: float = opt(1.0, "gamma: theta_upper's gradient is x + gamma * grad L_D(theta_upper, phi), the head's "
                                         "grad L_D(theta_lower, phi) + gamma * grad L_D(theta_upper, phi) (first paper version: 0.01).")
     grad_clip: float = opt(10.0, "Global gradient-norm clip of both levels (paper: 10).", above=0)
@@ -184,12 +218,15 @@ UPPER_LR_WD: dict[str, dict[str, tuple[float, float]]] = {
         "flowers": (0.05, 5e-4), "aircrafts": (0.03, 5e-3), "cifar10": (0.015, 1e-3),
         "cifar100": (0.01, 1e-4), "caltech101": (0.03, 1e-4), "sun397": (0.015, 5e-5),
         "voc2007": (0.015, 5e-3), "cub2011": (0.03, 1e-3),
+        # Object detection (Faster R-CNN R-C4, the paper's VOC07+12 value; the generated set takes the same).
+        "voc0712det": (0.015, 0.0), "fmnistdet": (0.015, 0.0),
     },
     "byol": {
         "food": (0.035, 2e-3), "cars": (0.04, 2e-3), "dtd": (0.015, 1e-4), "pets": (0.02, 2e-3),
         "flowers": (0.035, 2e-3), "aircrafts": (0.015, 3e-3), "cifar10": (0.01, 1e-3),
         "cifar100": (0.01, 1e-3), "caltech101": (0.015, 2e-4), "sun397": (0.01, 5e-5),
         "voc2007": (0.005, 6e-3), "cub2011": (0.015, 1e-4),
+        "voc0712det": (0.03, 2e-4), "fmnistdet": (0.03, 2e-4),
     },
 }
 # Datasets outside the paper's table (fashionmnist, stl10, imagefolder) fall back to this pair.
@@ -208,13 +245,18 @@ class FinetuneConfig:
     crop_as_original: int = opt(0, CROP_AS_ORIGINAL_HELP, (0, 1))
     pretrained_backbone_filename: str = opt("pretext_simclr_arch-resnet50_bb.pth", "Backbone weights in --model-dir.")
     use_hpo: int = opt(1, "1: random grid search over (lr, wd); 0: --num-runs seeds at fixed --lr/--wd.", (0, 1))
-    hpo_lr_min: float = opt(1e-4, "Lower end of the log-uniform lr range (also its quantisation step).", above=0)
-    hpo_lr_max: float = opt(1.0, "Upper end of the lr range.", above=0)
-    hpo_wd_min: float = opt(1e-5, "Lower end of the log-uniform wd range (also its quantisation step).", above=0)
-    hpo_wd_max: float = opt(1e-2, "Upper end of the wd range.", above=0)
-    num_runs: int = opt(100, "Number of trials (HPO combinations, or seeds with --use-hpo 0).", at_least=1)
-    batch_size: int = opt(256, "Batch size of each trial (one trial per process).", at_least=1)
-    epochs: int = opt(400, "Fine-tuning epochs per trial.", at_least=1)
+    # Detection defaults: the paper's detection fine-tuning (Faster R-CNN R50-C4 on VOC07+12, read from the authors'
+    # NeurIPS-version code): 50 epochs, global batch 16 (detection images are large and few fit a GPU), 50 random
+    # (lr, wd) pairs, lr log-uniform in [1e-4, 1e-1], wd in [1e-6, 1e-2] (quantised to the lower ends, as for classification).
+    hpo_lr_min: float = opt(1e-4, "Lower end of the log-uniform lr range (also its quantisation step).", above=0, detection=1e-4)
+    hpo_lr_max: float = opt(1.0, "Upper end of the lr range.", above=0, detection=1e-1)
+    hpo_wd_min: float = opt(1e-5, "Lower end of the log-uniform wd range (also its quantisation step).", above=0, detection=1e-6)
+    hpo_wd_max: float = opt(1e-2, "Upper end of the wd range.", above=0, detection=1e-2)
+    num_runs: int = opt(100, "Number of trials (HPO combinations, or seeds with --use-hpo 0).", at_least=1, detection=50)
+    batch_size: int = opt(256, "Batch size of each trial: one trial per process for classification; for detection the "
+                          "GLOBAL batch of a trial that runs on all processes.", at_least=1, split_over_ranks="detection",
+                          detection=16)
+    epochs: int = opt(400, "Fine-tuning epochs per trial.", at_least=1, detection=50)
     lr: float = opt(0.05, "Fixed lr for --use-hpo 0 (set it to the best pair of the HPO).", above=0)
     wd: float = opt(0.001, "Fixed weight decay for --use-hpo 0 (the original's default).")
     multilabel_loss: str = opt("bce", MULTILABEL_LOSS_HELP, ("bce", "ce"))
@@ -237,15 +279,23 @@ class FinetuneConfig:
                                  "per axis (157 at 96 px and crop scale 0.5).")
 
 
-# The paper's detection fine-tuning (Faster R-CNN R50-C4 on VOC07+12, read from the authors' NeurIPS-version
-# code): 50 epochs, global batch 16 (detection images are large and few fit a GPU), a random grid of 50 (lr, wd)
-# pairs, lr log-uniform in [1e-4, 1e-1], wd in [1e-6, 1e-2] (each quantised to its lower end, as the classification
-# grid). For a detection --dset they replace FinetuneConfig's classification values of the flags not given
-# (source.stages.detection_finetune.resolve_detection_defaults; num_runs for the HPO grid only).
-DETECTION_FINETUNE: dict[str, float | int] = {
-    "epochs": 50, "batch_size": 16, "num_runs": 50,
-    "hpo_lr_min": 1e-4, "hpo_lr_max": 1e-1, "hpo_wd_min": 1e-6, "hpo_wd_max": 1e-2,
-}
+@dataclass
+class DetectionConfig:
+    """Object detection (``--dset`` / ``--d-dset`` voc0712det or fmnistdet): Faster R-CNN R-C4 around the
+    backbone (source/maths/detection_model.py). Defaults: the standard C4 design at the paper's image and
+    anchor sizes; the flags reach the original code's (docs/detection.md)."""
+
+    det_head: str = opt("res5", "Box head: res5 = the backbone's layer4 on each RoI, then average pooling (standard C4; "
+                        "BiSSL couples the whole backbone); original = layer4 discarded, two 1024-wide FC layers "
+                        "(the original code; BiSSL couples conv1..layer3, layer4 joins the pretext head).", ("res5", "original"))
+    det_min_size: int = opt(196, "Short side, in pixels, images are resized to (the paper's 196; backbones pre-trained at 96 px).", at_least=1)
+    det_max_size: int = opt(320, "Cap on the long side, in pixels, after resizing (the paper's 320).", at_least=1)
+    det_anchor_sizes: str = opt("16,32,64,128,256", "Comma-separated RPN anchor sizes in pixels on the stride-16 map, "
+                                "each with aspect ratios 0.5, 1, 2 (the paper's 16-256).")
+    det_flip: float = opt(0.5, "Probability of flipping a training image horizontally (detectron2's VOC recipe: 0.5; "
+                          "the original code: 0).", at_least=0, at_most=1)
+    det_frozen_bn: int = opt(0, "1: BatchNorm frozen (running statistics and affine terms fixed, detectron2's FrozenBN); "
+                             "0: trained BN (SyncBN over several CUDA processes in fine-tuning, as the paper).", (0, 1))
 
 
 @dataclass
@@ -260,8 +310,8 @@ class ProbeConfig:
     val_fraction: float = opt(0.2, "Share of each class held out for validation when no split file/official val split exists.", above=0, below=1)
     max_eval_samples: int = opt(0, "Cap the val and test sets at this many samples (seeded, stratified; 0 = all).")
     batch_size: int = opt(256, "Images per forward pass on each rank.", at_least=1)
-    knn_k: int = opt(20, "Neighbours of the weighted kNN classifier (20, as Wu et al. 2018 / DINO).", at_least=1)
-    knn_temperature: float = opt(0.07, "Temperature T of the kNN vote weights exp(cos / T) (0.07, as the SSL literature).", above=0)
+    knn_k: int = opt(KNN_K, "Neighbours of the weighted kNN classifier (20, as Wu et al. 2018 / DINO).", at_least=1)
+    knn_temperature: float = opt(KNN_TEMPERATURE, "Temperature T of the kNN vote weights exp(cos / T) (0.07, as the SSL literature).", above=0)
     linear_wd: str = opt("1e-6,1e-5,1e-4,1e-3,1e-2", "Comma-separated L2 penalties of the linear probe; the best on val is reported on test.")
     linear_max_iter: int = opt(300, "L-BFGS iterations of the full-batch linear probe.", at_least=1)
     recalibrate_bn: int = opt(0, "1: re-estimate BatchNorm running statistics on the train split first "

@@ -87,7 +87,14 @@ RESULT_NEUTRAL_FLAGS = frozenset({
     "run_dir", "resume", "amp", "wandb_project", "wandb_mode", "log_every", "save_model", "cg_verbose",
     # the in-run curvature probe reads its own stream and draws nothing from the global RNG
     "curvature_every", "curvature_iters",
+    # bissl.py's alignment metrics and BN-recalibrated val scores: own seeded samples and loaders, models
+    # untouched (source/stages/alignment.py); they change what is reported, not the trained weights
+    "lower_knn_every", "align_bank_size", "align_query_size", "eval_bn_recalibrate_batches",
     "debug",  # only how errors are shown
+    # Where fine-tuning's images are decoded and kept: the same crop/flip choices (per-sample seeds) on
+    # the same pixels, except images the cache stores reduced (larger than --decode-cache-side), which
+    # differ by a second resampling (source/data/decoded_cache.py: 0.45 grey levels of 255 measured)
+    "decode_cache", "decode_cache_max_gb", "decode_cache_dir", "decode_cache_side",
 })
 LOCK_FILENAME = "run.lock"
 # A killed process's DataLoader workers notice their parent is gone within about 5 s.

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 import config_default as cfg
 from source.data import (
@@ -39,7 +39,15 @@ from source.run import checkpoint as ckpt
 from source.run.distributed import DistEnv, barrier, broadcast_module_, check_ranks_identical
 from source.run.runtime import changed_settings, check_settings_unchanged, per_rank_batch_size
 from source.run.tracking import MetricsWriter
+from source.stages.alignment import KnnAlignment, build_knn_alignment, build_recalibration_loader, recalibrated_copy
+from source.stages.bissl_detection import (
+    build_detection_task,
+    detection_upper_stream,
+    detection_val_loader,
+    load_detection_splits,
+)
 from source.stages.bissl_trainer import BilevelSettings, BisslTrainer
+from source.stages.detection_finetune import is_detection_dataset
 from source.stages.engine import memory_format, peak_memory_metrics
 from source.stages.evaluation import evaluate, sharded_eval_loader
 from source.stages.pretext import BYOL, build_pretext_model
@@ -132,10 +140,45 @@ class BisslData:
     upper_stream: BatchStream
     probe_stream: BatchStream | None  # the curvature probe's own batches (--curvature-every)
     val_loader: DataLoader
+    knn_alignment: KnnAlignment | None = None  # --lower-knn-every's bank and queries
+    recalibration_loader: DataLoader | None = None  # --eval-bn-recalibrate-batches' batches
 
     @property
     def training_streams(self) -> tuple[BatchStream, BatchStream]:
         return self.lower_stream, self.upper_stream
+
+
+def stream_options(args: argparse.Namespace, env: DistEnv) -> dict[str, Any]:
+    """The BatchStream settings both levels share (rank, loaders)."""
+    return dict(rank=env.rank, world_size=env.world_size, num_workers=args.num_workers,
+                pin_memory=env.device.type == "cuda", prefetch_factor=args.prefetch_factor,
+                nice_workers=env.device.type == "cpu")
+
+
+def pretext_streams(args: argparse.Namespace, env: DistEnv, lower_batch: int
+                    ) -> tuple[Dataset, BatchStream, BatchStream | None]:
+    """The (capped) pretext set, the lower level's stream of it and the curvature probe's own
+    stream (with --curvature-every; so probing leaves the training batches as they were)."""
+    pretext_set = build_pretext_dataset(args.p_dset, Path(args.data_dir),
+                                        pretext_transform(args.img_size, args.img_crop_min_ratio, bool(args.crop_as_original)),
+                                        download=bool(args.download_dataset))
+    pretext_set = subsample(pretext_set, args.max_train_samples or None, seed=args.seed, stratify=False)
+    options = stream_options(args, env)
+    lower_stream = BatchStream(pretext_set, lower_batch, seed=args.seed, **options)
+    probe_stream = BatchStream(pretext_set, lower_batch, seed=args.seed + 2, **options) if args.curvature_every else None
+    return pretext_set, lower_stream, probe_stream
+
+
+def build_detection_data(args: argparse.Namespace, env: DistEnv, lower_batch: int, upper_batch: int) -> BisslData:
+    """build_data for a detection --d-dset (source.stages.bissl_detection): the VOC-layout splits,
+    an upper stream of (images, targets) lists, and the val shard scored by AP50 after every alternation."""
+    splits = load_detection_splits(args)
+    pretext_set, lower_stream, probe_stream = pretext_streams(args, env, lower_batch)
+    upper_stream = detection_upper_stream(args, splits, upper_batch, stream_options(args, env))
+    val_loader = detection_val_loader(args, splits, upper_batch, env.device)
+    logger.info("downstream %s (detection): %d train / %d val images, %d classes; pretext %s: %d images", args.d_dset,
+                len(upper_stream.dataset), len(val_loader.dataset), splits.num_classes, args.p_dset, len(pretext_set))
+    return BisslData(splits, lower_stream, upper_stream, probe_stream, val_loader)
 
 
 def build_data(args: argparse.Namespace, env: DistEnv) -> BisslData:
@@ -143,30 +186,27 @@ def build_data(args: argparse.Namespace, env: DistEnv) -> BisslData:
     lower_batch = per_rank_batch_size(args.p_batch_size, env.world_size, "--p-batch-size")
     upper_batch = per_rank_batch_size(args.d_batch_size, env.world_size, "--d-batch-size")
     data_dir = Path(args.data_dir)
+    if is_detection_dataset(args.d_dset):
+        return build_detection_data(args, env, lower_batch, upper_batch)
     splits = build_downstream_splits(
         args.d_dset, data_dir, downstream_train_transform(args.img_size, args.img_crop_min_ratio, bool(args.crop_as_original)),
         downstream_test_transform(args.img_size), download=bool(args.download_dataset),
         split_seed=args.seed, val_fraction=args.val_fraction,
     )
-    pretext_set = build_pretext_dataset(args.p_dset, data_dir,
-                                        pretext_transform(args.img_size, args.img_crop_min_ratio, bool(args.crop_as_original)),
-                                        download=bool(args.download_dataset))
+    pretext_set, lower_stream, probe_stream = pretext_streams(args, env, lower_batch)
     cap = args.max_train_samples or None
-    pretext_set = subsample(pretext_set, cap, seed=args.seed, stratify=False)
     upper_train = subsample(splits.train, args.d_max_train_samples or cap, seed=args.seed, stratify=True)
     val_set = subsample(splits.val, args.max_eval_samples or None, seed=args.seed, stratify=True)
-    stream_options = dict(rank=env.rank, world_size=env.world_size, num_workers=args.num_workers,
-                          pin_memory=env.device.type == "cuda", prefetch_factor=args.prefetch_factor,
-                          nice_workers=env.device.type == "cpu")
-    lower_stream = BatchStream(pretext_set, lower_batch, seed=args.seed, **stream_options)
-    upper_stream = BatchStream(upper_train, upper_batch, seed=args.seed + 1, **stream_options)
-    # The curvature probe's own batches, so probing leaves the training batches as they were.
-    probe_stream = BatchStream(pretext_set, lower_batch, seed=args.seed + 2, **stream_options) if args.curvature_every else None
+    upper_stream = BatchStream(upper_train, upper_batch, seed=args.seed + 1, **stream_options(args, env))
     val_loader = sharded_eval_loader(val_set, upper_batch, num_workers=args.num_workers, pin_memory=env.device.type == "cuda",
                                      persistent_workers=True)  # evaluated after every alternation
     logger.info("downstream %s: %d train / %d val, %d classes; pretext %s: %d images",
                 args.d_dset, len(upper_train), len(val_set), splits.num_classes, args.p_dset, len(pretext_set))
-    return BisslData(splits, lower_stream, upper_stream, probe_stream, val_loader)
+    # Measurements only: their own seeded samples and loaders, nothing drawn from the training streams.
+    knn_alignment = build_knn_alignment(args, env, upper_train, val_set, splits.num_classes, splits.multilabel,
+                                        memory_format(args.channels_last, env.device))
+    return BisslData(splits, lower_stream, upper_stream, probe_stream, val_loader, knn_alignment,
+                     build_recalibration_loader(args, env, upper_train))
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,11 +221,15 @@ def build_trainer(args: argparse.Namespace, env: DistEnv, data: BisslData, dtype
     upper_backbone, feat_dim = build_backbone(args.arch, cifar_stem=bool(args.cifar_stem))
     upper_backbone.load_state_dict(lower_model.backbone.state_dict())
     upper_backbone.to(env.device, memory_format=layout)
-    head = nn.Linear(feat_dim, data.splits.num_classes).to(env.device)
+    # A detection --d-dset: Faster R-CNN around θ_D, the upper loss its four losses (source.stages.bissl_detection).
+    upper_task = build_detection_task(args, env, data.splits.num_classes, upper_backbone) if is_detection_dataset(args.d_dset) else None
+    head = nn.Linear(feat_dim, data.splits.num_classes).to(env.device) if upper_task is None else upper_task.head
     # Ranks seed with seed + rank; the head must nevertheless start identical on every rank (and as
     # in a one-process run), so rank 0's initialisation is sent to all.
     broadcast_module_(head)
-    criterion = downstream_criterion(data.splits.multilabel, args.multilabel_loss)
+    criterion = downstream_criterion(data.splits.multilabel, args.multilabel_loss) if upper_task is None else None
+    upper_params = (list(upper_backbone.parameters()) + list(head.parameters()) if upper_task is None
+                    else upper_task.shared_parameters(upper_backbone) + upper_task.head_parameters())
     batches = data.upper_stream.batches_per_pass
     upper_steps = upper_steps_per_alternation(args.upper_num_iter, batches, bool(args.upper_steps_whole_passes))
     if upper_steps != args.upper_num_iter:
@@ -196,8 +240,7 @@ def build_trainer(args: argparse.Namespace, env: DistEnv, data: BisslData, dtype
                                       args.p_momentum, eta=cfg.LARS_ETA, exclude_bias_bn=bool(args.p_lars_exclude_bias_bn))
     lower_scheduler = warmup_cosine_scheduler(lower_optimizer, args.lower_warmup_alternations * args.lower_num_iter,
                                               args.epochs * args.lower_num_iter, cfg.FINAL_LR_FACTOR)
-    upper_optimizer = build_optimizer(args.d_optimizer, list(upper_backbone.parameters()) + list(head.parameters()),
-                                      args.d_lr, args.d_wd, args.d_momentum)
+    upper_optimizer = build_optimizer(args.d_optimizer, upper_params, args.d_lr, args.d_wd, args.d_momentum)
     upper_scheduler = warmup_cosine_scheduler(upper_optimizer, 0, args.epochs * upper_steps, cfg.FINAL_LR_FACTOR)
     settings = BilevelSettings(
         lam=args.lam, cg_damping=args.cg_lam_dampening, cg_iters=args.cg_iter_num,
@@ -205,17 +248,17 @@ def build_trainer(args: argparse.Namespace, env: DistEnv, data: BisslData, dtype
         grad_clip=args.grad_clip, lower_steps_per_alternation=args.lower_num_iter,
         upper_steps_per_alternation=upper_steps, alternations=args.epochs,
         ma_decay=args.p_ma_decay, ma_use_scheduler=bool(args.p_ma_use_scheduler), cg_verbose=bool(args.cg_verbose),
-        upper_level=bool(args.upper_level),
+        upper_level=bool(args.upper_level), hvp_precision=args.hvp_precision,
     )
     return BisslTrainer(lower_model, upper_backbone, head, criterion, lower_optimizer, lower_scheduler,
-                        upper_optimizer, upper_scheduler, settings, env.device, dtype)
+                        upper_optimizer, upper_scheduler, settings, env.device, dtype, upper_task=upper_task)
 
 
 def warm_up_head(args: argparse.Namespace, env: DistEnv, trainer: BisslTrainer, data: BisslData,
                  writer: MetricsWriter) -> None:
     """--d-linear-warmup-epochs passes of SGD on the head alone (none without an upper level)."""
     warmup_steps = args.d_linear_warmup_epochs * data.upper_stream.batches_per_pass
-    warmup_optimizer = torch.optim.SGD(trainer.head.parameters(), lr=args.d_linear_warmup_lr or args.d_lr,
+    warmup_optimizer = torch.optim.SGD(trainer.head_params, lr=args.d_linear_warmup_lr or args.d_lr,
                                        momentum=args.d_momentum, weight_decay=args.d_wd)
     if args.upper_level:
         trainer.warmup_head(data.upper_stream, warmup_steps, warmup_optimizer, writer, env.is_main,
@@ -275,7 +318,7 @@ class BisslCheckpoint:
 
 def run_alternation(args: argparse.Namespace, env: DistEnv, trainer: BisslTrainer, data: BisslData, alternation: int,
                     dtype: torch.dtype | None) -> tuple[dict[str, Any], dict[str, float]]:
-    """Alternation ``alternation`` (0-based) with the curvature probe and val evaluation when due.
+    """Alternation ``alternation`` (0-based) with the curvature probe, kNN alignment and val evaluation when due.
 
     Returns (metrics for the history, throughput metrics that are logged only): samples of both
     levels (all ranks) per second of lower + upper steps, and the share of that time spent waiting
@@ -292,16 +335,31 @@ def run_alternation(args: argparse.Namespace, env: DistEnv, trainer: BisslTraine
         report = probe_next_batch(trainer.lower_model, data.probe_stream, args.curvature_iters,
                                   args.lam + args.cg_lam_dampening, env.device, seed=args.seed + alternation)
         metrics.update(report.metrics())
-    if args.upper_level:  # without one the downstream model never changes: nothing to evaluate
+    if data.knn_alignment is not None and data.knn_alignment.due(alternation + 1):
+        metrics.update(data.knn_alignment.measure(trainer.lower_model.backbone, trainer.upper_backbone, env.device, dtype))
+    if args.upper_level and trainer.upper_task is not None:  # detection: AP50 (%) of θ_D with φ
+        metrics.update({f"val/{key}": value for key, value in trainer.upper_task.evaluate(data.val_loader, env.device, dtype).items()})
+    elif args.upper_level:  # without one the downstream model never changes: nothing to evaluate
         downstream_model = nn.Sequential(trainer.upper_backbone, trainer.head)
+        if data.recalibration_loader is not None:  # evaluate a copy with re-estimated BN statistics
+            downstream_model = recalibrated_copy(downstream_model, data.recalibration_loader, env.device)
         scores = evaluate(downstream_model, data.val_loader, env.device, data.splits.multilabel, dtype)
         metrics.update({f"val/{key}": value for key, value in scores.items()})
     return metrics, throughput
 
 
+def log_start_alignment(env: DistEnv, trainer: BisslTrainer, data: BisslData, writer: MetricsWriter,
+                        dtype: torch.dtype | None) -> None:
+    """With --lower-knn-every: both backbones' kNN top-1 before the first alternation (the pre-trained
+    backbone's), logged as alternation 0 (metrics file only; the history holds alternations 1..T)."""
+    if data.knn_alignment is not None:
+        scores = data.knn_alignment.measure(trainer.lower_model.backbone, trainer.upper_backbone, env.device, dtype)
+        writer.log({**scores, "alternation": 0}, 0)
+
+
 def progress_postfix(metrics: dict[str, Any], throughput: dict[str, float], multilabel: bool) -> dict[str, str]:
     """The numbers the progress bar shows after an alternation."""
-    main_score = "val/map" if multilabel else "val/top1"
+    main_score = "val/ap50" if "val/ap50" in metrics else "val/map" if multilabel else "val/top1"
     return dict(lower=f"{metrics['lower/loss']:.3f}", upper=f"{metrics.get('upper/loss', math.nan):.3f}",
                 val=f"{metrics.get(main_score, math.nan):.1f}", dist=f"{metrics['distance']:.3g}",
                 img_s=f"{throughput['throughput/images_per_s']:.0f}")

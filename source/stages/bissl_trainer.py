@@ -21,10 +21,11 @@ averaged over ranks after each alternation.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -37,12 +38,16 @@ from source.maths.bilevel import (
     implicit_gradient,
     preserved_buffers,
 )
+from source.maths.coupling import proximity_gradient_ratio, relative_distance
 from source.run.distributed import all_reduce_buffers_, all_reduce_gradients_, all_reduce_mean_, get_rank
 from source.run.tracking import MetricsWriter
 from source.stages.engine import check_finite
 from source.stages.pretext import BYOL, byol_decay
 
 logger = logging.getLogger(__name__)
+
+# The phases of UpperTask's ``draw`` keys: head warmup, upper loss through θ_P, upper loss through θ_D.
+WARMUP_DRAW, LOWER_DRAW, UPPER_DRAW = 0, 1, 2
 
 
 @dataclass
@@ -68,12 +73,35 @@ class BilevelSettings:
     # False: the ablation control (experiments/bissl_ablation.py): the lower level alone, with θ_D
     # frozen at its start, so BiSSL can be compared with as many extra pretext steps.
     upper_level: bool = True
+    # Precision of the HVPs and of the solve (source.maths.bilevel.HVP_PRECISIONS; fp32: as before the flag).
+    hvp_precision: str = "fp32"
 
 
 @torch.no_grad()
-def backbone_distance(lower: nn.Module, upper: nn.Module) -> torch.Tensor:
-    """‖θ_P − θ_D‖ over all backbone parameters (0-dim tensor)."""
-    return torch.sqrt(sum(((p - u) ** 2).sum() for p, u in zip(lower.parameters(), upper.parameters())))
+def backbone_distance(lower: nn.Module | Sequence[torch.Tensor], upper: nn.Module | Sequence[torch.Tensor]) -> torch.Tensor:
+    """‖θ_P − θ_D‖ over all backbone parameters, or over the given parameter lists (0-dim tensor)."""
+    lower = lower.parameters() if isinstance(lower, nn.Module) else lower
+    upper = upper.parameters() if isinstance(upper, nn.Module) else upper
+    return torch.sqrt(sum(((p - u) ** 2).sum() for p, u in zip(lower, upper, strict=True)))
+
+
+class UpperTask(Protocol):
+    """An upper level that is not a classifier on the backbone's pooled features (object detection:
+    :class:`source.stages.bissl_detection.DetectionUpperTask`). ``draw`` = (phase, step) names the
+    forward pass, so a task whose model draws random numbers can seed them repeatably."""
+
+    def shared_parameters(self, backbone: nn.Module) -> list[nn.Parameter]:
+        """The parameters of ``backbone`` the task's model uses: the implicit gradient's unknowns."""
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """φ: the task's own trainable parameters."""
+
+    def loss(self, backbone: nn.Module, images: Any, targets: Any, draw: tuple[int, int]) -> torch.Tensor:
+        """L_D(backbone's weights, φ) on one batch (train mode)."""
+
+    def warmup_loss(self, backbone: nn.Module, images: Any, targets: Any, update_bn_statistics: bool,
+                    draw: tuple[int, int]) -> torch.Tensor:
+        """L_D with ``backbone`` frozen (no gradient reaches it), for the head warmup."""
 
 
 class BisslTrainer:
@@ -89,16 +117,23 @@ class BisslTrainer:
         lower_optimizer: torch.optim.Optimizer, lower_scheduler: torch.optim.lr_scheduler.LRScheduler,
         upper_optimizer: torch.optim.Optimizer, upper_scheduler: torch.optim.lr_scheduler.LRScheduler,
         settings: BilevelSettings, device: torch.device, amp_dtype: torch.dtype | None = None,
+        upper_task: UpperTask | None = None,
     ) -> None:
         self.lower_model, self.upper_backbone, self.head = lower_model, upper_backbone, head
         self.criterion = criterion
         self.lower_optimizer, self.lower_scheduler = lower_optimizer, lower_scheduler
         self.upper_optimizer, self.upper_scheduler = upper_optimizer, upper_scheduler
         self.settings, self.device, self.amp_dtype = settings, device, amp_dtype
-        self.lower_backbone_params = list(lower_model.backbone.parameters())
+        self.upper_task = upper_task
         self.lower_params = [p for p in lower_model.parameters() if p.requires_grad]
-        self.upper_backbone_params = list(upper_backbone.parameters())
-        self.head_params = list(head.parameters())
+        if upper_task is None:
+            self.lower_backbone_params = list(lower_model.backbone.parameters())
+            self.upper_backbone_params = list(upper_backbone.parameters())
+            self.head_params = list(head.parameters())
+        else:  # only the part of the backbone the task's model uses is coupled (proximity, implicit gradient)
+            self.lower_backbone_params = upper_task.shared_parameters(lower_model.backbone)
+            self.upper_backbone_params = upper_task.shared_parameters(upper_backbone)
+            self.head_params = upper_task.head_parameters()
         for lower, upper in zip(self.lower_backbone_params, self.upper_backbone_params, strict=True):
             assert lower.shape == upper.shape, "lower and upper backbones must share one architecture"
         self.lower_step_count = 0
@@ -108,8 +143,19 @@ class BisslTrainer:
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
 
-    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(self.device, non_blocking=True)
+    def _to_device(self, batch: Any) -> Any:
+        """A tensor, or the lists of images and target dicts of a detection batch, on the device."""
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self._to_device(item) for item in batch)
+        if isinstance(batch, dict):
+            return {key: self._to_device(value) for key, value in batch.items()}
+        return batch.to(self.device, non_blocking=True)
+
+    def _upper_loss(self, backbone: nn.Module, images: Any, targets: Any, draw: tuple[int, int]) -> torch.Tensor:
+        """L_D(backbone's weights, φ) on this rank's batch: the criterion on the head's logits, or the upper task's loss."""
+        if self.upper_task is not None:
+            return self.upper_task.loss(backbone, images, targets, draw)
+        return self.criterion(self.head(backbone(images)).float(), targets)
 
     # ---------------------------------------------------------------------------------------
     def warmup_head(self, stream: BatchStream, steps: int, optimizer: torch.optim.Optimizer,
@@ -138,10 +184,15 @@ class BisslTrainer:
             images, targets = next(stream)
             images, targets = self._to_device(images), self._to_device(targets)
             keep_buffers = contextlib.nullcontext() if update_bn_statistics else preserved_buffers(self.upper_backbone)
-            with torch.no_grad(), self._autocast(), keep_buffers:
-                features = self.upper_backbone(images)
-            with self._autocast():
-                loss = self.criterion(self.head(features.float()), targets)
+            if self.upper_task is not None:
+                with self._autocast():
+                    loss = self.upper_task.warmup_loss(self.upper_backbone, images, targets, update_bn_statistics,
+                                                       draw=(WARMUP_DRAW, step))
+            else:
+                with torch.no_grad(), self._autocast(), keep_buffers:
+                    features = self.upper_backbone(images)
+                with self._autocast():
+                    loss = self.criterion(self.head(features.float()), targets)
             loss_value = all_reduce_mean_(loss.detach().float().clone()).item()
             check_finite(loss_value, f"in the head warmup, step {step}")
             optimizer.zero_grad(set_to_none=True)
@@ -155,7 +206,10 @@ class BisslTrainer:
 
     # ---------------------------------------------------------------------------------------
     def lower_step(self, view1: torch.Tensor, view2: torch.Tensor) -> dict[str, float]:
-        """One LARS step on L_P(θ_P, ψ) + (λ/2)‖θ_P − θ_D‖² (θ_D fixed), clipped to grad_clip."""
+        """One LARS step on L_P(θ_P, ψ) + (λ/2)‖θ_P − θ_D‖² (θ_D fixed), clipped to grad_clip.
+
+        Also returns ``coupling/prox_grad_ratio`` = ‖λ(θ_P − θ_D)‖ / ‖∇_θP L_P‖ of this step's
+        (rank-averaged, unclipped) gradient (``source.maths.coupling``)."""
         view1, view2 = self._to_device(view1), self._to_device(view2)
         self.lower_model.train()
         with self._autocast():
@@ -169,6 +223,8 @@ class BisslTrainer:
         self.lower_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         all_reduce_gradients_(self.lower_params)
+        # read before clipping changes the gradients (only read: the step is the same without it)
+        prox_ratio = proximity_gradient_ratio(self.lower_backbone_params, self.upper_backbone_params, self.settings.lam)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.lower_params, self.settings.grad_clip)
         check_finite(float(grad_norm), f"(gradient norm) at lower step {self.lower_step_count}")
         lr = self.lower_optimizer.param_groups[0]["lr"]
@@ -181,23 +237,28 @@ class BisslTrainer:
                 byol_decay(self.lower_step_count, total, self.settings.ma_decay, self.settings.ma_use_scheduler)
             )
         return {"lower/loss": loss_value, "lower/proximity": float(proximity.detach()), "lower/lr": lr,
-                "lower/grad_norm": float(grad_norm)}
+                "lower/grad_norm": float(grad_norm), "coupling/prox_grad_ratio": float(prox_ratio)}
 
     # ---------------------------------------------------------------------------------------
     def hessian_operator(self, hessian_views: tuple[torch.Tensor, torch.Tensor]) -> HessianVectorOperator:
         """H·v on one pretext batch: its forward pass and first-order graph, built once.
 
         H = ∇²_θP L_P on this rank's batch (``implicit_gradient`` averages the products over ranks),
-        in full precision since the double backward is sensitive to rounding. BatchNorm runs in
-        train mode with batch statistics and its running statistics untouched
-        (``frozen_batch_norm_statistics``), so the graph stays valid while other forward passes
-        run. It holds the batch's activations until dropped.
+        in the precision ``settings.hvp_precision`` (not the run's ``--amp``: the double backward is
+        sensitive to rounding, so lowering it is a separate, measured choice); ``fp64`` builds it on a
+        float64 copy of the lower model. BatchNorm runs in train mode with batch statistics and its
+        running statistics untouched (``frozen_batch_norm_statistics``), so the graph stays valid
+        while other forward passes run. It holds the batch's activations until dropped.
         """
         view1, view2 = (self._to_device(v) for v in hessian_views)
-        self.lower_model.train()
-        with frozen_batch_norm_statistics(self.lower_model):
-            return HessianVectorOperator(lambda: self.lower_model(view1, view2, gather_across_ranks=False),
-                                         self.lower_backbone_params)
+        model, params = self.lower_model, self.lower_backbone_params
+        if self.settings.hvp_precision == "fp64":
+            model = copy.deepcopy(self.lower_model).double()
+            params, view1, view2 = list(model.backbone.parameters()), view1.double(), view2.double()
+        model.train()
+        with frozen_batch_norm_statistics(model):
+            return HessianVectorOperator(lambda: model(view1, view2, gather_across_ranks=False), params,
+                                         self.settings.hvp_precision)
 
     def upper_step(self, images: torch.Tensor, targets: torch.Tensor,
                    hessian_views: tuple[torch.Tensor, torch.Tensor] | None,
@@ -245,8 +306,7 @@ class BisslTrainer:
         BN layers are these).
         """
         with frozen_batch_norm_statistics(self.lower_model.backbone), self._autocast():
-            lower_logits = self.head(self.lower_model.backbone(images))
-            loss = self.criterion(lower_logits.float(), targets)
+            loss = self._upper_loss(self.lower_model.backbone, images, targets, draw=(LOWER_DRAW, self.upper_step_count))
         grads = torch.autograd.grad(loss, self.lower_backbone_params + self.head_params)
         num_backbone = len(self.lower_backbone_params)
         return grads[:num_backbone], grads[num_backbone:], loss
@@ -254,7 +314,7 @@ class BisslTrainer:
     def _plain_gradients(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], float]:
         """∇_(θD, φ) L_D(θ_D, φ) on this rank's batch, and L_D averaged over ranks (checked finite)."""
         with self._autocast():
-            upper_loss = self.criterion(self.head(self.upper_backbone(images)).float(), targets)
+            upper_loss = self._upper_loss(self.upper_backbone, images, targets, draw=(UPPER_DRAW, self.upper_step_count))
         upper_value = all_reduce_mean_(upper_loss.detach().float().clone()).item()
         check_finite(upper_value, f"at upper step {self.upper_step_count}")
         return torch.autograd.grad(upper_loss, self.upper_backbone_params + self.head_params), upper_value
@@ -268,7 +328,7 @@ class BisslTrainer:
             hessian = self.hessian_operator(hessian_views)
         return implicit_gradient(self.lower_backbone_params, rhs, hessian=hessian, lam=self.settings.lam,
                                  damping=self.settings.cg_damping, cg_iters=self.settings.cg_iters,
-                                 solver=self.settings.cg_solver)
+                                 solver=self.settings.cg_solver, precision=self.settings.hvp_precision)
 
     def _set_upper_gradients(self, plain: Sequence[torch.Tensor], head_grad_via_lower: Sequence[torch.Tensor],
                              implicit: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -325,7 +385,8 @@ class BisslTrainer:
         # the saved model) holds the same state.
         all_reduce_buffers_(self.lower_model)
         all_reduce_buffers_(self.upper_backbone)
-        sums["distance"] = float(backbone_distance(self.lower_model.backbone, self.upper_backbone))
+        sums["distance"] = float(backbone_distance(self.lower_backbone_params, self.upper_backbone_params))
+        sums["coupling/relative_distance"] = float(relative_distance(self.lower_backbone_params, self.upper_backbone_params))
         return sums
 
     def state_dict(self) -> dict[str, Any]:
