@@ -194,8 +194,8 @@ class BisslConfig:
                                "deterministic test transform; BatchNorm in eval mode (running statistics), nothing "
                                "changed. Also once after the head warmup. 0 = never. Costs 2 x (bank + query) "
                                "forward passes each time (docs/evidence.md).")
-    align_bank_size: int = opt(1000, "kNN bank of --lower-knn-every: this many downstream train images (stratified, seeded; "
-                               "the whole train split when smaller).", at_least=1)
+    align_bank_size: int = opt(1000, "kNN bank of --lower-knn-every: this many of the downstream train images the upper level "
+                               "uses (after --d-max-train-samples; stratified, seeded; all when fewer).", at_least=1)
     align_query_size: int = opt(1000, "kNN queries of --lower-knn-every: this many val images (stratified, seeded; the whole "
                                 "val split when smaller).", at_least=1)
     eval_bn_recalibrate_batches: int = opt(0, "K > 0: evaluate theta_D + head on val after each alternation on a COPY whose "

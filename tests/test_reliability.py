@@ -240,6 +240,23 @@ def test_changed_settings_are_listed_and_new_flags_match_their_default():
     assert moved == ["content of --weights: sha256 aaaaaaaaaaaa... in the run, bbbbbbbbbbbb... now"]
 
 
+def test_decode_cache_flags_may_change_on_resume_and_hvp_precision_may_not():
+    """Where images are decoded (issue 20) is how a sweep runs, not what it computes; the HVPs'
+    precision changes the implicit gradient, so a BiSSL run cannot continue with another."""
+    finetune = load_script("fine-tuning.py").get_args_parser()
+    saved = vars(finetune.parse_args([]))
+    cache_changed = ["--decode-cache", "off", "--decode-cache-max-gb", "2", "--decode-cache-dir", "/elsewhere",
+                     "--decode-cache-side", "200"]
+    assert changed_settings(saved, finetune.parse_args(cache_changed), finetune) == []
+    assert changed_settings(saved, finetune.parse_args(["--epochs", "3"]), finetune) == ["--epochs: 400 in the run, 3 now"]
+    bissl = load_script("bissl.py").get_args_parser()
+    saved = vars(bissl.parse_args([]))
+    assert changed_settings(saved, bissl.parse_args(["--hvp-precision", "bf16"]), bissl) == [
+        "--hvp-precision: 'fp32' in the run, 'bf16' now"]
+    del saved["hvp_precision"]  # a run recorded before the flag existed ran in fp32
+    assert changed_settings(saved, bissl.parse_args(["--hvp-precision", "fp32"]), bissl) == []
+
+
 def pretrain_flags(images: Path, model_dir: Path, *extra: str) -> list[str]:
     return ["--pretext-type", "simclr", "--dset", "imagefolder", "--data-dir", str(images), "--arch", "resnet18",
             "--img-size", "16", "--epochs", "1", "--batch-size", "16", "--mlp", "32-16", "--lr", "0.5",

@@ -21,6 +21,13 @@ the paper's δ = 10 (``source/tools/curvature.py`` measures it); CG assumes posi
 MINRES does not. Every solve reports the true relative residual ‖v − A·x‖/‖v‖ of its x
 (:class:`SolveReport`).
 
+Precision (``--hvp-precision``, :data:`HVP_PRECISIONS`): the products run in float32 as PyTorch's
+defaults run it (``fp32``, the behaviour before the flag), in IEEE float32 (``fp32-strict``), with
+TF32 matmuls and convolutions on CUDA (``tf32``), under bf16 autocast (``bf16``: the pretext forward
+pass and so the double backward through it; the solver's vectors and recurrences stay float32), or
+in float64 (``fp64``: the operator must be built on a float64 copy of the model; the solve runs in
+float64 and x is returned in the right-hand side's dtype).
+
 Every function here works on a *sequence of tensors* (one per parameter tensor) rather than a
 flattened vector, so no copy of the parameters is ever concatenated.
 
@@ -56,6 +63,72 @@ MatVec = Callable[[Sequence[Tensor]], Sequence[Tensor]]
 
 
 # --------------------------------------------------------------------------------------------
+# Precision of the products and of the solve
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HvpPrecision:
+    """How the Hessian-vector products and the solver's arithmetic run (one of :data:`HVP_PRECISIONS`).
+
+    solver_dtype: dtype of the Krylov vectors, inner products and recurrences (None: that of the
+    right-hand side, float32 in a training run, as before the flag). autocast_dtype: the
+    forward pass (and hence its first and second backward) runs under ``torch.autocast`` with it.
+    tf32: allow (True) or forbid (False) TF32 for CUDA matmuls and cuDNN convolutions while the
+    products run; None leaves PyTorch's settings alone (its default: convolutions may use TF32,
+    matmuls not). On CPU only the dtypes matter (TF32 is a CUDA tensor-core format).
+    """
+
+    name: str
+    solver_dtype: torch.dtype | None = None
+    autocast_dtype: torch.dtype | None = None
+    tf32: bool | None = None
+
+    @contextlib.contextmanager
+    def backends(self) -> Iterator[None]:
+        """This precision's TF32 switches (for the forward pass and both backward passes), restored on exit."""
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        if self.tf32 is not None:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
+        try:
+            yield
+        finally:
+            if self.tf32 is not None:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+    def forward_context(self, device_type: str) -> contextlib.AbstractContextManager:
+        """Autocast for the forward pass only: backward passes run in the dtypes autocast chose for
+        the forward operations (PyTorch's advice: no autocast around backward). Nothing for fp32."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=self.autocast_dtype)
+
+
+HVP_PRECISIONS: dict[str, HvpPrecision] = {
+    precision.name: precision for precision in (
+        HvpPrecision("fp32"),  # the behaviour before the flag: nothing is changed
+        HvpPrecision("fp32-strict", tf32=False),
+        HvpPrecision("tf32", tf32=True),
+        HvpPrecision("bf16", autocast_dtype=torch.bfloat16),
+        HvpPrecision("fp64", solver_dtype=torch.float64),
+    )
+}
+
+
+def hvp_precision(name: str) -> HvpPrecision:
+    """The :class:`HvpPrecision` called ``name``; ValueError naming the valid ones otherwise."""
+    if name not in HVP_PRECISIONS:
+        raise ValueError(f"unknown HVP precision {name!r}; choose one of {tuple(HVP_PRECISIONS)}")
+    return HVP_PRECISIONS[name]
+
+
+def _check_params_dtype(params: Sequence[Tensor], precision: HvpPrecision) -> None:
+    if precision.solver_dtype == torch.float64 and any(param.dtype != torch.float64 for param in params):
+        raise ValueError("fp64 Hessian-vector products need float64 parameters: build them on a float64 copy "
+                         "of the model (model.double()), as BisslTrainer.hessian_operator does")
+
+
+# --------------------------------------------------------------------------------------------
 # Hessian-vector products
 # --------------------------------------------------------------------------------------------
 
@@ -68,12 +141,15 @@ def _check_vectors(params: Sequence[Tensor], vectors: Sequence[Tensor]) -> None:
             raise ValueError(f"vector {i} has shape {tuple(vector.shape)}, its parameter {tuple(param.shape)}")
 
 
-def _first_order_grads(loss: Callable[[], Tensor], params: Sequence[Tensor]) -> tuple[Tensor, tuple]:
-    """Evaluate ``loss()`` and its gradient g = ∇L with the graph kept for a second backward."""
+def _first_order_grads(loss: Callable[[], Tensor], params: Sequence[Tensor],
+                       precision: HvpPrecision = HVP_PRECISIONS["fp32"]) -> tuple[Tensor, tuple]:
+    """Evaluate ``loss()`` (under ``precision``'s autocast) and its gradient g = ∇L with the graph
+    kept for a second backward."""
     for i, param in enumerate(params):
         if not param.requires_grad:
             raise ValueError(f"parameter tensor {i} (shape {tuple(param.shape)}) does not require grad")
-    value = loss()
+    with precision.forward_context(params[0].device.type):
+        value = loss()
     if value.ndim != 0:
         raise ValueError(f"the loss must be a scalar, got shape {tuple(value.shape)}")
     # allow_unused: a parameter the loss does not touch has g = 0 and contributes a zero row of H.
@@ -96,7 +172,7 @@ def _materialise(results: Sequence[Tensor | None], params: Sequence[Tensor]) -> 
 
 
 def hessian_vector_product(
-    loss: Callable[[], Tensor], params: Sequence[Tensor], vectors: Sequence[Tensor]
+    loss: Callable[[], Tensor], params: Sequence[Tensor], vectors: Sequence[Tensor], precision: str = "fp32"
 ) -> Vectors:
     """H·v by recomputation: a fresh forward pass and first-order graph for this one product.
 
@@ -107,16 +183,20 @@ def hessian_vector_product(
     of those shapes; blocks of parameters that ``loss`` does not use are zero.
 
     This is the straightforward method, kept as a reference and for the benchmark; the CG solver
-    uses :class:`HessianVectorOperator`, which builds the first-order graph once.
+    uses :class:`HessianVectorOperator`, which builds the first-order graph once. ``precision``:
+    one of :data:`HVP_PRECISIONS` (vectors are cast to the parameters' dtype).
     """
-    params, vectors = tuple(params), tuple(vectors)
+    params, setting = tuple(params), hvp_precision(precision)
+    vectors = tuple(vector.to(param.dtype) for vector, param in zip(vectors, params))
     _check_vectors(params, vectors)
-    _, grads = _first_order_grads(loss, params)
-    terms = [(grad * vector).sum() for grad, vector in zip(grads, vectors) if _differentiable(grad)]
-    if not terms:
-        return _materialise([None] * len(params), params)
-    inner = torch.stack(terms).sum()
-    return _materialise(torch.autograd.grad(inner, params, allow_unused=True), params)
+    _check_params_dtype(params, setting)
+    with setting.backends():
+        _, grads = _first_order_grads(loss, params, setting)
+        terms = [(grad * vector).sum() for grad, vector in zip(grads, vectors) if _differentiable(grad)]
+        if not terms:
+            return _materialise([None] * len(params), params)
+        inner = torch.stack(terms).sum()
+        return _materialise(torch.autograd.grad(inner, params, allow_unused=True), params)
 
 
 class HessianVectorOperator:
@@ -132,28 +212,36 @@ class HessianVectorOperator:
     operator does; drop the operator to free it. θ must not change while the operator is used.
 
     params: the tensors to differentiate with respect to (e.g. the lower backbone's parameters);
-    vectors in ``__call__``: a matching sequence. Results are detached.
+    vectors in ``__call__``: a matching sequence, cast to the parameters' dtype. Results are
+    detached, in the parameters' dtype. ``precision`` (one of :data:`HVP_PRECISIONS`) applies to the
+    forward pass and first-order graph built here and to every product: under ``bf16`` the graph's
+    operations run in bf16 where autocast puts them, and the gradients and products come back in
+    the parameters' float32; ``fp64`` needs float64 parameters.
     """
 
-    def __init__(self, loss: Callable[[], Tensor], params: Sequence[Tensor]) -> None:
+    def __init__(self, loss: Callable[[], Tensor], params: Sequence[Tensor], precision: str = "fp32") -> None:
         self.params = tuple(params)
-        value, grads = _first_order_grads(loss, self.params)
+        self.precision = hvp_precision(precision)
+        _check_params_dtype(self.params, self.precision)
+        with self.precision.backends():
+            value, grads = _first_order_grads(loss, self.params, self.precision)
         self.loss_value = value.detach()
         self._index = [i for i, grad in enumerate(grads) if _differentiable(grad)]
         self._grads = [grads[i] for i in self._index]
 
     def __call__(self, vectors: Sequence[Tensor]) -> Vectors:
-        vectors = tuple(vectors)
+        vectors = tuple(vector.to(param.dtype) for vector, param in zip(vectors, self.params))
         _check_vectors(self.params, vectors)
         if not self._grads:
             return _materialise([None] * len(self.params), self.params)
-        products = torch.autograd.grad(
-            self._grads,
-            self.params,
-            grad_outputs=[vectors[i] for i in self._index],
-            retain_graph=True,
-            allow_unused=True,
-        )
+        with self.precision.backends():
+            products = torch.autograd.grad(
+                self._grads,
+                self.params,
+                grad_outputs=[vectors[i] for i in self._index],
+                retain_graph=True,
+                allow_unused=True,
+            )
         return _materialise(products, self.params)
 
 
@@ -426,6 +514,7 @@ def implicit_gradient(
     hessian: HessianVectorOperator | None = None,
     reuse_graph: bool = True,
     callback: Callable[[int, Vectors], None] | None = None,
+    precision: str = "fp32",
 ) -> tuple[Vectors, SolveReport]:
     """x ≈ (I + H/(λ + δ))⁻¹·v, BiSSL's upper gradient through the lower solution, and its report.
 
@@ -451,6 +540,11 @@ def implicit_gradient(
 
     ``callback(k, x_k)``, if given, sees every iterate (for benchmarks).
 
+    ``precision`` (one of :data:`HVP_PRECISIONS`; a prebuilt ``hessian`` must have the same): the
+    solver's vectors, inner products and recurrences run in its ``solver_dtype`` (the right-hand side's, or float64
+    for ``fp64``), the products as :class:`HessianVectorOperator` describes; x is returned in the
+    dtype of ``vectors``. ``fp64`` needs float64 ``params`` (a float64 copy of the model).
+
     Distributed: when torch.distributed is initialised with world size W > 1, the right-hand
     side (a copy; the caller's tensors are untouched) and every H·p are averaged over ranks,
     so every rank solves the same system (the H of the mean of per-rank losses) and returns
@@ -475,15 +569,18 @@ def implicit_gradient(
         raise ValueError("pass lower_loss= or a prebuilt hessian=, not both")
     if lower_loss is None and hessian is None and cg_iters > 0:
         raise ValueError("implicit_gradient needs lower_loss= or a prebuilt hessian= operator")
-    params = tuple(params)
-    rhs = tuple(v.detach().clone() for v in vectors)
+    params, setting = tuple(params), hvp_precision(precision)
+    out_dtypes = [v.dtype for v in vectors]
+    rhs = tuple(v.detach().to(setting.solver_dtype or v.dtype, copy=True) for v in vectors)
     _check_vectors(params, rhs)
     all_reduce_mean_tensors_(rhs)
     if hessian is not None and len(hessian.params) != len(params):
         raise ValueError("the prebuilt Hessian operator is for other parameters")
+    if hessian is not None and hessian.precision.name != setting.name:
+        raise ValueError(f"the prebuilt Hessian operator runs in {hessian.precision.name}, the solve in {setting.name}")
 
     def matvec(p: Sequence[Tensor]) -> Vectors:
-        hp = hvp(p)
+        hp = tuple(h.to(p_i.dtype) for h, p_i in zip(hvp(p), p))
         all_reduce_mean_tensors_(hp)
         return tuple(p_i + scale * hp_i for p_i, hp_i in zip(p, hp))
 
@@ -494,10 +591,12 @@ def implicit_gradient(
     elif hessian is not None:
         hvp = hessian
     elif reuse_graph:
-        hvp = HessianVectorOperator(lower_loss, params)
+        hvp = HessianVectorOperator(lower_loss, params, precision)
     else:
-        hvp = functools.partial(hessian_vector_product, lower_loss, params)
-    return solve(matvec, rhs, cg_iters, solver, callback)
+        _check_params_dtype(params, setting)
+        hvp = functools.partial(hessian_vector_product, lower_loss, params, precision=precision)
+    x, report = solve(matvec, rhs, cg_iters, solver, callback)
+    return tuple(x_i.to(dtype) for x_i, dtype in zip(x, out_dtypes)), report
 
 
 def _no_products(vectors: Sequence[Tensor]) -> Vectors:
