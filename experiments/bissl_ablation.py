@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import shlex
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +45,7 @@ from pathlib import Path
 import config_default as cfg
 from source.run.errors import run_entry_point
 from source.run.scripts import load_script
+from source.run.study import link_pretrained, minutes
 from source.tools.compare import csv_report, load_run, markdown_report, plot_comparison
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,24 +179,6 @@ class Study:
             base = ["--dset", self.dset, "--pretrained-backbone-filename", weights, "--backbone-origin", origin,
                     "--pretrain-arch", self.arch, "--use-hpo", 0, "--num-runs", self.args.seeds, "--run-dir", run_dir]
         return demo.torchrun(self.args.nproc, "fine-tuning.py", *self.general(model_dir), *base, *self.finetune_extra)
-
-
-def link_pretrained(files: list[str], source_dir: Path, target_dir: Path) -> None:
-    """Give a variant's model folder the pre-trained weights (hard link, else copy): bissl.py reads
-    them from, and writes its outputs to, one --model-dir, and every variant needs its own outputs."""
-    target_dir.mkdir(parents=True, exist_ok=True)
-    for name in files:
-        target = target_dir / name
-        if target.exists():
-            continue
-        try:
-            os.link(source_dir / name, target)
-        except OSError:
-            shutil.copy2(source_dir / name, target)
-
-
-def minutes(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds / 60:.1f}"
 
 
 def main(args: argparse.Namespace) -> None:
