@@ -15,7 +15,9 @@ level trained on): no fine-tuning, so no fine-tuning seed variance. Per point th
 the mean and 95 % CI over seeds of each probe score for BiSSL and for the control, the paired
 gain BiSSL − control, how far each lower backbone moved from the pre-trained one
 (‖θ − θ₀‖/‖θ₀‖ over the parameters), BiSSL's final ‖θ_P − θ_D‖ (what the proximity term still
-pulls on), and the wall time of each run with the machine's load while it ran.
+pulls on), the proximity gradient's norm relative to the pretext gradient's at the lower steps
+(``coupling/prox_grad_ratio`` of bissl.py's history, averaged over alternations: how strongly the
+upper level pulls), and the wall time of each run with the machine's load while it ran.
 
 A grid point is ``optimizer:lr:lam:alternations`` (the lower optimizer and its peak lr, λ, the
 number of alternations T); each field may list values separated by ``/``, which expands to their
@@ -151,6 +153,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="extra flags for every bissl.py run (default: '--cg-solver minres'; the demo's K = 3 iterations)")
     parser.add_argument("--probe-args", default="", help="extra flags for every probe, e.g. \"--img-size 96 --batch-size 512\"")
     parser.add_argument("--pretrain-args", default="", help="demo scale: extra flags for the pre-training run")
+    parser.add_argument("--report-only", type=int, default=0, choices=(0, 1),
+                        help="1: run nothing; the table and figure from the runs of the grid finished so far, the rest listed "
+                             "as missing (default: 0)")
     return parser
 
 
@@ -263,16 +268,29 @@ def run_all(study: Study, runner: StageRunner, runs: list[Run]) -> None:
                    run_dir / "probe" / "probe.json")
 
 
+def finished_runs(study: Study, runs: list[Run]) -> list[Run]:
+    """The runs whose BiSSL stage and probe are done (--report-only); the others are named on stdout."""
+    if not (study.out_dir / "probe_pretrained" / "probe.json").is_file():
+        raise MissingInputError(f"no probe of the pre-trained backbone in {study.out_dir}: run the study without --report-only first")
+    done = [run for run in runs if (study.run_dir(run) / "probe" / "probe.json").is_file()]
+    for run in runs:
+        if run not in done:
+            print(f"[dose-response] not run yet, left out: {run.name}", flush=True)
+    return done
+
+
 def measure_run(study: Study, runner: StageRunner, run: Run) -> dict:
     """What one run produced: its probe scores, movement, final θ_P–θ_D distance, wall time and load."""
     run_dir = study.run_dir(run)
     results = json.loads((run_dir / "probe" / "probe.json").read_text())["results"]
     history = json.loads((run_dir / "models" / study.bissl_config).read_text()).get("history", [])
     final_gap = history[-1].get("distance", math.nan) if history and run.kind == "bissl" else math.nan
+    ratios = [h["coupling/prox_grad_ratio"] for h in history if "coupling/prox_grad_ratio" in h]
     stage = f"{run.name}: BiSSL"
     return {"point": run.point.name, "kind": run.kind, "seed": run.seed, **{score: results[score] for score in SCORES},
             "moved": backbone_movement(run_dir / "models" / study.bissl_backbone, study.model_dir / study.backbone),
-            "final_gap": final_gap, "wall_s": runner.seconds(stage), "load": runner.loads.describe(stage)}
+            "final_gap": final_gap, "prox_ratio": sum(ratios) / len(ratios) if ratios else math.nan,
+            "wall_s": runner.seconds(stage), "load": runner.loads.describe(stage)}
 
 
 def _interval(values: list[float], digits: int = 2) -> str:
@@ -283,6 +301,8 @@ def _interval(values: list[float], digits: int = 2) -> str:
 
 
 def _gain(bissl: list[dict], control: list[dict], score: str) -> str:
+    if not {r["seed"] for r in bissl} & {r["seed"] for r in control}:
+        return "-"
     difference = paired_difference({r["seed"]: r[score] for r in control}, {r["seed"]: r[score] for r in bissl})
     if math.isnan(difference.ci_low):
         return f"{difference.mean:+.2f}"
@@ -302,6 +322,7 @@ def summary_rows(points: list[Point], measured: list[dict], lower_steps: int) ->
             row.update({score: _interval([m[score] for m in group]) for score in SCORES})
             row["moved from pre-trained (%)"] = _interval([100 * m["moved"] for m in group], 3)
             row["final ||θ_P − θ_D||"] = _interval([m["final_gap"] for m in group]) if kind == "bissl" else "-"
+            row["‖λ(θ_P − θ_D)‖/‖∇L_P‖ (mean over alternations)"] = _interval([m["prox_ratio"] for m in group], 3)
             row["BiSSL − control, kNN test"] = _gain(group, by_kind["control"], "knn_test_top1") if kind == "bissl" else ""
             row["BiSSL − control, linear test"] = _gain(group, by_kind["control"], "linear_test_top1") if kind == "bissl" else ""
             walls = [m["wall_s"] for m in group if m["wall_s"] is not None]
@@ -326,11 +347,11 @@ def markdown_table(rows: list[dict[str, str]], baseline: dict) -> str:
 
 def csv_table(measured: list[dict], baseline: dict) -> str:
     buffer = io.StringIO()
-    fields = ["point", "kind", "seed", *SCORES, "moved", "final_gap", "wall_s", "load"]
+    fields = ["point", "kind", "seed", *SCORES, "moved", "final_gap", "prox_ratio", "wall_s", "load"]
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerow({"point": "pretrained", "kind": "pretrained", "seed": "", **{s: baseline[s] for s in SCORES},
-                     "moved": 0.0, "final_gap": "", "wall_s": "", "load": ""})
+                     "moved": 0.0, "final_gap": "", "prox_ratio": "", "wall_s": "", "load": ""})
     for row in measured:
         writer.writerow({key: (f"{value:.6g}" if isinstance(value, float) else value) for key, value in row.items()})
     return buffer.getvalue()
@@ -393,7 +414,8 @@ def report(study: Study, runner: StageRunner, points: list[Point], runs: list[Ru
     steps = f"{study.lower_steps} lower + {study.upper_steps} upper steps per alternation" if study.lower_steps else "bissl.py's steps"
     total = sum(runner.stages.timings.values())
     text = "\n".join([
-        f"BiSSL dose-response ({study.args.scale} scale, {study.arch}, {study.dset}): {len(points)} points x {study.args.seeds} seeds, "
+        f"BiSSL dose-response ({study.args.scale} scale, {study.arch}, {study.dset}): {len(points)} points x "
+        f"{'up to ' if study.args.report_only else ''}{study.args.seeds} seeds (column 'seeds': the runs finished), "
         f"BiSSL and its no-upper control each; {steps}; bissl.py extra flags: {study.args.bissl_args or '-'}; "
         f"torchrun --nproc-per-node {study.args.nproc}, device {study.args.device}.",
         f"Probe on the whole val ({baseline['num_val']}) and test ({baseline['num_test']}) splits with a bank of "
@@ -417,9 +439,12 @@ def main(args: argparse.Namespace) -> None:
     study = Study(args)
     study.out_dir.mkdir(parents=True, exist_ok=True)
     runner = StageRunner(study.out_dir)
-    ensure_pretrained(study, runner)
     runs = [Run(point, kind, seed) for point in points for seed in range(args.seeds) for kind in KINDS]
-    run_all(study, runner, runs)
+    if args.report_only:
+        runs = finished_runs(study, runs)
+    else:
+        ensure_pretrained(study, runner)
+        run_all(study, runner, runs)
     report(study, runner, points, runs, started)
 
 

@@ -52,3 +52,57 @@ def test_variant_plan_skips_unknown_solvers_and_the_configured_one():
         plan_variants(["bissl"], [], ("layerwise",))
     with pytest.raises(ValueError, match="unknown variant 'bisl'"):
         plan_variants(["pretrained", "bisl"], [], ("layerwise",))
+
+
+def _ablation_args(ablation, out_dir, data_dir, models):
+    flags = ["--scale", "paper", "--out-dir", str(out_dir), "--model-dir", str(models), "--data-dir", str(data_dir),
+             "--dset", "imagefolder", "--arch", "resnet18", "--variants", "pretrained,bissl", "--seeds", "2", "--nproc", "1",
+             "--bissl-args", "--p-dset imagefolder --img-size 16 --p-mlp 32-16 --epochs 1 --lower-num-iter 1 --upper-num-iter 1 "
+                             "--cg-iter-num 1 --d-linear-warmup-epochs 1 --p-batch-size 8 --d-batch-size 8 --num-workers 0",
+             "--finetune-args", "--pretrain-img-size 16 --epochs 1 --batch-size 8 --num-workers 0"]
+    return ablation.get_args_parser().parse_args(flags)
+
+
+def _scores(out_dir):
+    """ablation.csv without its first column (the run directory, which differs between the two studies)."""
+    return [line.split(",", 1)[1] for line in (out_dir / "ablation.csv").read_text().splitlines()]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.long
+def test_a_stopped_ablation_reruns_only_the_missing_stages_and_ends_with_the_same_table(tmp_path, monkeypatch):
+    from source.run.scripts import load_script
+    from tests.script_helpers import ROOT, make_image_folder, write_random_pretext_weights
+
+    ablation = load_script(ROOT / "experiments" / "bissl_ablation.py")
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=12, size=16)
+    models = tmp_path / "pretrained"
+    models.mkdir()
+    write_random_pretext_weights(models)
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    ablation.main(_ablation_args(ablation, whole, images, models))
+
+    original, ran, skipped = ablation.demo.Stages.run, [], []
+
+    def stop_after_bissl(self, name, command, done, tag="demo"):
+        original(self, name, command, done, tag)
+        ran.append(name)
+        if name == "bissl: BiSSL":
+            raise KeyboardInterrupt  # as a Ctrl-C between two stages
+
+    monkeypatch.setattr(ablation.demo.Stages, "run", stop_after_bissl)
+    with pytest.raises(KeyboardInterrupt):
+        ablation.main(_ablation_args(ablation, stopped, images, models))
+    assert ran == ["pretrained: fine-tuning", "bissl: BiSSL"]
+
+    ran.clear()
+
+    def record(self, name, command, done, tag="demo"):
+        (skipped if done.exists() and name in self.timings else ran).append(name)
+        original(self, name, command, done, tag)
+
+    monkeypatch.setattr(ablation.demo.Stages, "run", record)
+    ablation.main(_ablation_args(ablation, stopped, images, models))
+    assert skipped == ["pretrained: fine-tuning", "bissl: BiSSL"] and ran == ["bissl: fine-tuning"]
+    assert len(_scores(stopped)) == 5 and _scores(stopped) == _scores(whole)  # header + 2 runs x (final, best-val)

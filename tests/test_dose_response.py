@@ -49,13 +49,14 @@ def test_movement_is_relative_to_the_pretrained_parameters_only(study, tmp_path)
 def test_summary_pairs_bissl_with_its_control_by_seed(study):
     point = study.Point("sgd", 0.05, 1.0, 2)
     measured = [{"point": point.name, "kind": kind, "seed": seed, "knn_val_top1": 0.0, "linear_val_top1": 0.0,
-                 "knn_test_top1": value, "linear_test_top1": value, "moved": 0.01, "final_gap": 1.0, "wall_s": 60.0, "load": "2.0-2.0"}
+                 "knn_test_top1": value, "linear_test_top1": value, "moved": 0.01, "final_gap": 1.0, "prox_ratio": 0.5, "wall_s": 60.0, "load": "2.0-2.0"}
                 for kind, values in (("bissl", (60.0, 62.0, 64.0)), ("control", (50.0, 51.0, 52.0))) for seed, value in enumerate(values)]
     bissl, control = study.summary_rows([point], measured, lower_steps=4)
     # per-seed differences 10, 11, 12: mean 11, sd 1, 95 % CI 11 ± 2.484
     assert bissl["BiSSL − control, kNN test"] == "+11.00 [+8.52, +13.48]"
     assert bissl["knn_test_top1"] == "62.00 [57.03, 66.97]" and control["final ||θ_P − θ_D||"] == "-"
     assert bissl["lower steps"] == "8" and bissl["moved from pre-trained (%)"] == "1.000 [1.000, 1.000]"
+    assert control["BiSSL − control, kNN test"] == "" and bissl["wall (min, mean)"] == "1.0"
 
 
 def _study_args(study, out_dir, data_dir, models):
