@@ -7,7 +7,10 @@
 Loads the pretext backbone and head from ``--model-dir``, trains the downstream head alone
 (backbone frozen), then runs ``--epochs`` alternations of ``--lower-num-iter`` lower (pretext +
 proximity) steps and ``--upper-num-iter`` upper (downstream, implicit-gradient) steps,
-evaluating on the downstream val split after each. Writes
+evaluating on the downstream val split after each (``--eval-bn-recalibrate-batches K``: on a copy with
+re-estimated BatchNorm statistics) and logging how strongly the two backbones are coupled
+(``coupling/*``) and, with ``--lower-knn-every N``, how well each one's features fit the downstream
+classes (``align/*``; docs/evidence.md). Writes
 ``<model-dir>/BiSSL-backbone_<type>_arch-<arch>_dset-<dset>.pth`` (the LOWER backbone, the one to
 fine-tune), ``BiSSL-upper-backbone_...pth``, ``BiSSL-upper-head_...pth`` and a config JSON.
 Checkpoints after every alternation; rerunning the same command resumes. SIGTERM, SIGINT or SIGUSR1
@@ -42,11 +45,13 @@ from source.stages.bissl_run import (
     save_outputs,
     warm_up_head,
 )
+from source.stages.detection_finetune import is_detection_dataset
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     # Metrics are written once per alternation, so --log-every (a step count) is not offered.
-    return build_parser(__doc__, [(cfg.GeneralConfig, "general"), (cfg.BisslConfig, "BiSSL")], exclude=("log_every",))
+    return build_parser(__doc__, [(cfg.GeneralConfig, "general"), (cfg.BisslConfig, "BiSSL"), (cfg.DetectionConfig, "detection")],
+                        exclude=("log_every",), is_detection=lambda args: is_detection_dataset(args.d_dset))
 
 
 def main(args: argparse.Namespace) -> None:

@@ -75,7 +75,9 @@ RUNS: dict[str, Callable[[Path, Path, Path], list[list[str]]]] = {
          "--p-pretrained-proj-filename", f"pretext_{kind}_arch-resnet18_proj.pth",
          "--epochs", "1", "--lower-num-iter", "1", "--upper-num-iter", "1", "--d-linear-warmup-epochs", "1",
          "--p-batch-size", "8", "--d-batch-size", "8", "--curvature-every", "1", "--curvature-iters", "2",
-         "--cg-verbose", "1", "--save-model", "0", *general(images, tmp / kind)] for kind in ("simclr", "byol")],
+         "--cg-verbose", "1", "--save-model", "0", "--lower-knn-every", "1", "--align-bank-size", "8",
+         "--align-query-size", "4", "--eval-bn-recalibrate-batches", "1", *general(images, tmp / kind)]
+        for kind in ("simclr", "byol")],
     "fine-tuning.py": lambda images, models, tmp: [
         ["--dset", "imagefolder", "--model-dir", str(models), "--pretrained-backbone-filename",
          "pretext_simclr_arch-resnet18_bb.pth", "--pretrain-arch", "resnet18", "--pretrain-img-size", "16",
