@@ -25,9 +25,9 @@ Object detection (``--dset voc0712det`` or ``fmnistdet``, source/stages/detectio
 Faster R-CNN R-C4 around the backbone, scored by VOC2007 AP50 (%) on val (selection) and test. A
 detection trial runs on all processes together, data-parallel with the GLOBAL ``--batch-size``, and
 trials run one after another; each writes a checkpoint per epoch, so a rerun continues the trial
-it was in. Flags left at their classification defaults take the paper's detection values
-(``config_default.DETECTION_FINETUNE``: 50 epochs, batch 16, 50 trials, lr in [1e-4, 1e-1], wd
-in [1e-6, 1e-2]). ``--save-model 1`` writes ``..._trial-<i>_detector.pth``.
+it was in. Flags not given take the paper's detection values there (50 epochs, batch 16, 50
+trials, lr in [1e-4, 1e-1], wd in [1e-6, 1e-2]; ``-h`` shows both defaults); the ``--det-*`` flags
+shape the detector (docs/detection.md). ``--save-model 1`` writes ``..._trial-<i>_detector.pth``.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from source.run.distributed import cleanup_distributed
 from source.run.errors import UserError, run_entry_point
 from source.run.runtime import amp_dtype, open_run_dir, run_directory, start
 from source.run.signals import STOP
-from source.stages.detection_finetune import DETECTION_SCORE, is_detection_dataset, resolve_detection_defaults
+from source.stages.detection_finetune import DETECTION_SCORE, is_detection_dataset
 from source.stages.detection_finetune_run import load_detection_data, run_detection_sweep
 from source.stages.finetune import TrialStopped, score_name
 from source.stages.finetune_run import (
@@ -68,8 +68,9 @@ logger = logging.getLogger("fine-tuning")
 
 def get_args_parser() -> argparse.ArgumentParser:
     # Trials log once per epoch, so --log-every (a step count) is not offered.
-    return build_parser(__doc__, [(cfg.GeneralConfig, "general"), (cfg.FinetuneConfig, "fine-tuning")],
-                        exclude=("log_every",))
+    return build_parser(__doc__, [(cfg.GeneralConfig, "general"), (cfg.FinetuneConfig, "fine-tuning"),
+                                  (cfg.DetectionConfig, "detection")],
+                        exclude=("log_every",), is_detection=lambda args: is_detection_dataset(args.dset))
 
 
 def main(args: argparse.Namespace) -> None:
@@ -77,9 +78,6 @@ def main(args: argparse.Namespace) -> None:
     STOP.install([args.model_dir])  # before DataLoader workers start: they leave stop signals to their rank
     trial_logger.setLevel(logging.INFO)
     detection = is_detection_dataset(args.dset)
-    if detection:
-        parser = get_args_parser()
-        resolve_detection_defaults(args, {name: parser.get_default(name) for name in cfg.DETECTION_FINETUNE})
     run_dir = run_directory(args, run_name(args))
     dtype = amp_dtype(args.amp, env.device)
     run_lock = open_run_dir(args, env, run_dir, output_prefixes=(trial_weights_prefix(args),))

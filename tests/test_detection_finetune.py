@@ -28,7 +28,6 @@ from source.stages.detection_finetune import (
     DetectorSettings,
     build_detector,
     fine_tune_detector,
-    resolve_detection_defaults,
 )
 from source.stages.detection_finetune_run import load_detection_data, run_detection_sweep, trial_checkpoint_path
 from source.stages.finetune import STATUS_FAILED, STATUS_OK
@@ -197,18 +196,37 @@ def test_two_gloo_ranks_end_with_identical_weights_and_scores(data_dir):
     assert [m["train/loss"] for m in first["history"]] == [m["train/loss"] for m in second["history"]]
 
 
-def test_detection_datasets_get_the_papers_grid_unless_the_flag_was_given():
-    defaults = {**dataclasses.asdict(cfg.GeneralConfig()), **dataclasses.asdict(cfg.FinetuneConfig())}
-    args = Namespace(**{**defaults, "dset": "voc0712det", "use_hpo": 1, "epochs": 7})
-    changed = resolve_detection_defaults(args, defaults)
-    # lr min 1e-4 and wd max 1e-2 are the classification values too: nothing to change there.
-    assert changed == {"batch_size": 16, "num_runs": 50, "hpo_lr_max": 0.1, "hpo_wd_min": 1e-6}
-    assert args.epochs == 7 and args.batch_size == 16 and args.hpo_lr_max == 0.1 and args.hpo_wd_min == 1e-6
-    seeds = Namespace(**{**defaults, "dset": "fmnistdet", "use_hpo": 0, "num_runs": defaults["num_runs"]})
-    resolve_detection_defaults(seeds, defaults)
-    assert seeds.num_runs == defaults["num_runs"] and seeds.epochs == 50  # seed runs keep their count
-    pets = Namespace(**{**defaults, "dset": "pets"})
-    assert resolve_detection_defaults(pets, defaults) == {} and pets.epochs == defaults["epochs"]
+@pytest.mark.parametrize("script", ["fine-tuning.py", "bissl.py"])
+def test_detection_datasets_get_the_papers_defaults_unless_the_flag_was_given(script, monkeypatch):
+    """A flag not given takes its task's default; a given one is kept, also when it equals the other
+    task's default (--epochs 400 on a detection dataset is 400)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    parser = load_script(script).get_args_parser()
+    dset = "--dset" if script == "fine-tuning.py" else "--d-dset"
+    names = (("epochs", "batch_size", "num_runs", "hpo_lr_min", "hpo_lr_max", "hpo_wd_min", "hpo_wd_max")
+             if script == "fine-tuning.py" else ("d_batch_size", "d_linear_warmup_epochs"))
+    values = {"fine-tuning.py": {"voc0712det": (50, 16, 50, 1e-4, 0.1, 1e-6, 1e-2), "pets": (400, 256, 100, 1e-4, 1.0, 1e-5, 1e-2)},
+              "bissl.py": {"voc0712det": (16, 5), "pets": (256, 20)}}[script]
+    for dset_name in ("voc0712det", "fmnistdet", "pets"):
+        args = parser.parse_args([dset, dset_name])
+        assert tuple(getattr(args, name) for name in names) == values.get(dset_name, values["voc0712det"]), dset_name
+    given = "--epochs" if script == "fine-tuning.py" else "--d-batch-size"
+    classification_value = values["pets"][0]
+    args = parser.parse_args([dset, "voc0712det", given, str(classification_value)])
+    assert getattr(args, names[0]) == classification_value
+    assert "for a detection dataset" in parser.format_help()
+
+
+def test_detection_batch_must_divide_the_world_size_at_parse_time(monkeypatch, capsys):
+    """fine-tuning's detection batch is GLOBAL (one trial on all ranks): checked against WORLD_SIZE with
+    its detection default 16; a classification batch (per process) is not."""
+    parser = load_script("fine-tuning.py").get_args_parser()
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert parser.parse_args(["--dset", "pets"]).batch_size == 256
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--dset", "voc0712det"])
+    assert "--batch-size 16 is the GLOBAL batch size" in capsys.readouterr().err
+    assert parser.parse_args(["--dset", "voc0712det", "--batch-size", "15"]).batch_size == 15
 
 
 @pytest.mark.slow
@@ -216,12 +234,12 @@ def test_the_sweep_runs_each_trial_once_and_a_rerun_runs_none(data_dir, tmp_path
     model_dir = tmp_path / "models"
     model_dir.mkdir()
     torch.save(pretrained_backbone(), model_dir / "bb.pth")
-    defaults = {**dataclasses.asdict(cfg.GeneralConfig()), **dataclasses.asdict(cfg.FinetuneConfig())}
+    defaults = {**dataclasses.asdict(cfg.GeneralConfig()), **dataclasses.asdict(cfg.FinetuneConfig()),
+                **dataclasses.asdict(cfg.DetectionConfig())}
     args = Namespace(**{**defaults, "dset": "fmnistdet", "data_dir": str(data_dir), "model_dir": str(model_dir),
                         "pretrained_backbone_filename": "bb.pth", "pretrain_arch": "resnet18", "epochs": 1,
                         "batch_size": 4, "num_runs": 2, "use_hpo": 1, "num_workers": 0, "max_train_samples": 4,
-                        "max_eval_samples": 4})
-    resolve_detection_defaults(args, defaults)  # the paper's grid ranges; epochs, batch and trials as given
+                        "max_eval_samples": 4, "hpo_lr_max": 0.1, "hpo_wd_min": 1e-6})  # the paper's detection grid
     assert (args.epochs, args.batch_size, args.num_runs, args.hpo_lr_max) == (1, 4, 2, 0.1)
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=CPU)
     run_dir = tmp_path / "run"

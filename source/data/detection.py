@@ -184,6 +184,11 @@ class DetectionSplits:
         """C, the number of object classes (the detector predicts C + 1 with the background)."""
         return len(self.classes)
 
+    @property
+    def multilabel(self) -> bool:
+        """False: read by code shared with the classification splits (a detection score is AP50, not mAP)."""
+        return False
+
 
 def _require_split(name: str, root: Path, year: str, image_set: str) -> None:
     """Raise DatasetNotFoundError naming the first missing folder or split file of (year, image_set)."""

@@ -38,11 +38,12 @@ dropout), and reading the state for a checkpoint is harmless (augmentations do n
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import queue
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -167,6 +168,17 @@ class SeededDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+
+@contextlib.contextmanager
+def seeded_global_draws(seed: int) -> Iterator[None]:
+    """Run a block that draws from torch's global generators (torchvision's detectors sample
+    anchors and proposals with ``torch.randperm``) from ``seed``, holding the prefetch threads'
+    lock meanwhile: no thread reseeds or draws in between, so the block's draws are a function of
+    ``seed`` alone and the threads' augmentations stay those of their sample seeds."""
+    with _AUGMENT_LOCK:
+        torch.manual_seed(seed)
+        yield
 
 
 class _End:
@@ -304,6 +316,7 @@ class PrefetchedLoader:
 def seeded_dataloader(
     dataset: Dataset, batch_size: int, sampler: Iterable[tuple[int, int]], *, generator_seed: int, num_workers: int,
     pin_memory: bool, prefetch_factor: int, nice_workers: bool = False, drop_last: bool = True,
+    collate_fn: Callable[[list], Any] | None = None,
 ) -> DataLoader:
     """The DataLoader behind every training loader: ``sampler`` yields ``(index, sample seed)``
     pairs, :class:`SeededDataset` augments each sample from its seed. ``num_workers > 0``:
@@ -311,7 +324,8 @@ def seeded_dataloader(
     ``num_workers == 0`` loader in a :class:`ThreadPrefetcher` to load ahead in a thread). The
     worker base seed (what ``random``/numpy see in workers) comes from a private generator seeded
     with ``generator_seed``, so building or iterating the loader never draws from the global RNG.
-    ``nice_workers`` (for runs whose model trains on the CPU) lowers the workers' priority."""
+    ``nice_workers`` (for runs whose model trains on the CPU) lowers the workers' priority;
+    ``collate_fn`` replaces the default stacking (detection batches are lists)."""
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0 here, got {num_workers}")
     if prefetch_factor < 1:
@@ -322,6 +336,7 @@ def seeded_dataloader(
         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=workers,
         prefetch_factor=prefetch_factor if workers else None,
         generator=torch.Generator().manual_seed(generator_seed), worker_init_fn=worker_init_fn(nice_workers),
+        collate_fn=collate_fn,
     )
 
 

@@ -10,7 +10,7 @@ with the same augmentations (per-sample seeds, see ``source.data.loader``), what
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -56,7 +56,8 @@ class BatchStream:
     ``sample_seed(seed, k, i)``. One DataLoader serves the whole stream: ``num_workers > 0``
     persistent worker processes keep ``prefetch_factor`` batches each in flight;
     ``num_workers == 0`` loads in a background thread ``prefetch_factor`` batches ahead;
-    ``nice_workers`` lowers the worker processes' priority (for CPU runs, see ``source.data.loader``).
+    ``nice_workers`` lowers the worker processes' priority (for CPU runs, see ``source.data.loader``);
+    ``collate_fn`` replaces the default stacking (e.g. ``detection_collate``).
     ``wait_s`` accumulates the time ``next()`` waited for data (the input-pipeline stall) and
     ``samples_read`` the samples it returned (this rank), for throughput reports.
     """
@@ -64,6 +65,7 @@ class BatchStream:
     def __init__(
         self, dataset: Dataset, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
         num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2, nice_workers: bool = False,
+        collate_fn: Callable[[list], Any] | None = None,
     ) -> None:
         per_pass = len(dataset) // (batch_size * world_size)
         if per_pass == 0:
@@ -75,7 +77,7 @@ class BatchStream:
             raise ValueError(f"need num_workers >= 0 and prefetch_factor >= 1, got {num_workers}, {prefetch_factor}")
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
         self.seed, self.num_workers, self.pin_memory = seed, num_workers, pin_memory
-        self.prefetch_factor, self.nice_workers = prefetch_factor, nice_workers
+        self.prefetch_factor, self.nice_workers, self.collate_fn = prefetch_factor, nice_workers, collate_fn
         self.batches_per_pass = per_pass
         self.pass_index, self.batch_index = 0, 0
         self.wait_s, self.samples_read = 0.0, 0
@@ -88,6 +90,7 @@ class BatchStream:
                            self.pass_index, self.batch_index),
             generator_seed=self.seed * 1_000_003 + self.pass_index, num_workers=self.num_workers,
             pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor, nice_workers=self.nice_workers,
+            collate_fn=self.collate_fn,
         )
         return iter(loader) if self.num_workers > 0 else ThreadPrefetcher(loader, self.prefetch_factor)
 

@@ -75,15 +75,22 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, titl
         parse: Callable[[str], Any] = kind
         if kind in (int, float) and not choices:
             parse = _bounded(kind, item.metadata.get("bounds") or DEFAULT_BOUNDS)
-        if item.metadata.get("split_over_ranks") and isinstance(parser, ConfigArgumentParser):
-            parser.split_over_ranks.append(item.name)
+        split = item.metadata.get("split_over_ranks")
+        if split and isinstance(parser, ConfigArgumentParser):
+            parser.split_over_ranks[item.name] = split
+        default, shown = item.default, f"default: {item.default!r}"
+        detection = item.metadata.get("detection_default")
+        if detection is not None and isinstance(parser, ConfigArgumentParser):
+            # Not given -> None here; parse_known_args fills in the default of the dataset's task.
+            parser.task_defaults[item.name] = (item.default, detection)
+            default, shown = None, f"default: {item.default!r}; for a detection dataset {detection!r}"
         group.add_argument(
             flag,
             dest=item.name,
             type=parse,
-            default=item.default,
+            default=default,
             choices=choices,
-            help=f"{help_text} (default: {item.default!r})",
+            help=f"{help_text} ({shown})",
         )
 
 
@@ -119,29 +126,42 @@ def relation_errors(args: argparse.Namespace, split_over_ranks: Iterable[str] = 
 
 
 class ConfigArgumentParser(CommandLineParser):
-    """A :class:`CommandLineParser` that also checks the relations between flags
-    (:func:`relation_errors`) and exits with a usage error before the script does anything."""
+    """A :class:`CommandLineParser` that also fills in the task's default of the flags that have one
+    per task (classification or detection, ``is_detection(namespace)``), checks the relations between
+    flags (:func:`relation_errors`) and exits with a usage error before the script does anything."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, is_detection: Callable[[argparse.Namespace], bool] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # Fields whose metadata says they are GLOBAL batch sizes split over the ranks.
-        self.split_over_ranks: list[str] = []
+        # Fields whose metadata says they are GLOBAL batch sizes split over the ranks (True), or are so
+        # for detection datasets only ("detection").
+        self.split_over_ranks: dict[str, bool | str] = {}
+        # Fields with a detection default: name -> (classification default, detection default).
+        self.task_defaults: dict[str, tuple[Any, Any]] = {}
+        self.is_detection = is_detection
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
         namespace, extras = super().parse_known_args(args, namespace)
-        problems = relation_errors(namespace, self.split_over_ranks, launched_world_size())
+        detection = self.is_detection is not None and self.is_detection(namespace)
+        for name, (classification_default, detection_default) in self.task_defaults.items():
+            if getattr(namespace, name) is None:  # not given
+                setattr(namespace, name, detection_default if detection else classification_default)
+        split = [name for name, when in self.split_over_ranks.items() if when is True or (when == "detection" and detection)]
+        problems = relation_errors(namespace, split, launched_world_size())
         if problems:
             self.error("; ".join(problems))
         return namespace, extras
 
 
-def build_parser(description: str, configs: list[tuple[type, str]], exclude: Iterable[str] = ()) -> argparse.ArgumentParser:
+def build_parser(description: str, configs: list[tuple[type, str]], exclude: Iterable[str] = (),
+                 is_detection: Callable[[argparse.Namespace], bool] | None = None) -> argparse.ArgumentParser:
     """A parser with one argument group per ``(config class, title)``; later groups may not redefine flags.
 
     ``exclude``: fields of those classes that this script has no use for, so it does not offer them.
+    ``is_detection``: whether parsed flags name a detection dataset (then flags not given that have a
+    detection default take it, see ``config_default.opt``).
     """
     parser = ConfigArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter, is_detection=is_detection
     )
     for config_cls, title in configs:
         add_config_arguments(parser, config_cls, title, exclude)

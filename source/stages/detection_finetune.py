@@ -35,7 +35,6 @@ A non-finite loss or exploding weights end the trial as ``"failed"`` (the classi
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -51,7 +50,7 @@ from tqdm import tqdm
 import config_default as cfg
 from source.data.detection import DETECTION_DATASETS, detection_collate
 from source.data.loader import SeededDataset, SeededSampler, sample_seed, worker_init_fn
-from source.maths.detection_model import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, build_faster_rcnn_c4
+from source.maths.detection_model import DEFAULT_ANCHOR_SIZES, DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, build_faster_rcnn_c4
 from source.maths.models import build_backbone
 from source.run import checkpoint as ckpt
 from source.run.distributed import (
@@ -71,7 +70,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DETECTION_SCORE", "DetectorSettings", "DetectionTrialResult", "build_detector", "train_detection_epoch",
-    "fine_tune_detector", "resolve_detection_defaults", "is_detection_dataset",
+    "fine_tune_detector", "is_detection_dataset", "parse_anchor_sizes",
 ]
 
 # Key of the selection score in evaluate_detector's output, and the results rows' "metric".
@@ -92,31 +91,15 @@ def is_detection_dataset(dset: str) -> bool:
     return dset in DETECTION_DATASETS
 
 
-def resolve_detection_defaults(args: argparse.Namespace, defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """For a detection ``args.dset``, put the paper's detection fine-tuning settings
-    (``config_default.DETECTION_FINETUNE``: 50 epochs, batch 16, 50 trials, lr in [1e-4, 1e-1],
-    wd in [1e-6, 1e-2]) in place of every such flag that still holds its classification default
-    (``defaults``: the parser's defaults, ``parser.get_default``). Returns ``{flag: new value}`` of
-    what it changed; a classification ``--dset`` is left alone.
-
-    A flag counts as not given when its value equals the classification default, so a detection
-    run that wants exactly that value (e.g. ``--epochs 400``) cannot ask for it; the values are far
-    enough apart that no sensible detection run does. ``num_runs`` is changed for the HPO grid only
-    (``--use-hpo 1``): seed runs keep the number of seeds they were given.
-    """
-    if not is_detection_dataset(args.dset):
-        return {}
-    changed = {}
-    for name, value in cfg.DETECTION_FINETUNE.items():
-        if name == "num_runs" and not args.use_hpo:
-            continue
-        if getattr(args, name) == defaults[name] and defaults[name] != value:
-            setattr(args, name, value)
-            changed[name] = value
-    if changed:
-        logger.info("%s is a detection dataset: the paper's detection fine-tuning settings for the flags not given: %s",
-                    args.dset, ", ".join(f"--{name.replace('_', '-')} {value:g}" for name, value in changed.items()))
-    return changed
+def parse_anchor_sizes(text: str) -> tuple[int, ...]:
+    """``--det-anchor-sizes``: ``"16,32,64"`` -> (16, 32, 64); anything else is a ConfigError naming the value."""
+    try:
+        sizes = tuple(int(size) for size in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"--det-anchor-sizes must be comma-separated positive integers (e.g. 16,32,64,128,256), got {text!r}")
+    return sizes
 
 
 @dataclass(frozen=True)
@@ -128,6 +111,7 @@ class DetectorSettings:
     head: str = "res5"
     min_size: int = DEFAULT_MIN_SIZE
     max_size: int = DEFAULT_MAX_SIZE
+    anchor_sizes: tuple[int, ...] = DEFAULT_ANCHOR_SIZES[0]
     frozen_batch_norm: bool = False
     # Further FasterRCNN keyword arguments (e.g. smaller RPN/RoI sample counts for tests).
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -143,7 +127,7 @@ def build_detector(pretrained: Mapping[str, Tensor], num_classes: int, settings:
     backbone.load_state_dict(dict(pretrained), strict=True)
     sync = distributed and device.type == "cuda" and not settings.frozen_batch_norm
     model = build_faster_rcnn_c4(backbone, num_classes, head=settings.head, min_size=settings.min_size,
-                                 max_size=settings.max_size, sync_batch_norm=sync,
+                                 max_size=settings.max_size, anchor_sizes=(tuple(settings.anchor_sizes),), sync_batch_norm=sync,
                                  frozen_batch_norm=settings.frozen_batch_norm, **dict(settings.extra))
     return model.to(device)
 

@@ -12,8 +12,8 @@ read the rows (score ``ap50``: VOC2007 AP50 in %; ``best_val`` on val, ``test_fi
 epoch (``trials/trial-<i>/checkpoint.pth``, removed once its row is written), so a killed sweep
 continues the trial it was in from its last epoch instead of starting it over.
 
-The paper's detection grid is the default for these datasets (``config_default.DETECTION_FINETUNE``,
-applied by :func:`source.stages.detection_finetune.resolve_detection_defaults`).
+The paper's detection grid is the default for these datasets (the ``detection=`` defaults of
+``config_default.FinetuneConfig``, filled in by the parser when a flag is not given).
 """
 from __future__ import annotations
 
@@ -33,7 +33,13 @@ from source.run import checkpoint as ckpt
 from source.run.distributed import DistEnv, barrier, broadcast_object, seed_everything
 from source.run.errors import ConfigError, MissingInputError
 from source.run.tracking import MetricsWriter
-from source.stages.detection_finetune import DETECTION_SCORE, DetectorSettings, build_detector, fine_tune_detector
+from source.stages.detection_finetune import (
+    DETECTION_SCORE,
+    DetectorSettings,
+    build_detector,
+    fine_tune_detector,
+    parse_anchor_sizes,
+)
 from source.stages.finetune_run import log_trial, missing_backbone_file, trial_weights_prefix
 from source.stages.hpo import ResultsFile, Trial, make_trial, pending_trials
 
@@ -62,7 +68,8 @@ def load_detection_data(args: argparse.Namespace) -> DetectionData:
     problems = missing_backbone_file(args)
     splits = None
     try:
-        splits = build_detection_splits(args.dset, Path(args.data_dir), download=bool(args.download_dataset))
+        splits = build_detection_splits(args.dset, Path(args.data_dir), flip_probability=args.det_flip,
+                                        download=bool(args.download_dataset))
     except DatasetNotFoundError as error:
         problems.append(str(error))
     if problems:
@@ -77,8 +84,10 @@ def load_detection_data(args: argparse.Namespace) -> DetectionData:
 
 def detector_settings(args: argparse.Namespace) -> DetectorSettings:
     """The detector of a trial: the backbone's architecture from ``--pretrain-arch`` /
-    ``--pretrain-cifar-stem``, the rest the paper's (res5 head, 196/320 px)."""
-    return DetectorSettings(arch=args.pretrain_arch, cifar_stem=bool(args.pretrain_cifar_stem))
+    ``--pretrain-cifar-stem``, head, image sizes, anchors and BN from the ``--det-*`` flags."""
+    return DetectorSettings(arch=args.pretrain_arch, cifar_stem=bool(args.pretrain_cifar_stem), head=args.det_head,
+                            min_size=args.det_min_size, max_size=args.det_max_size,
+                            anchor_sizes=parse_anchor_sizes(args.det_anchor_sizes), frozen_batch_norm=bool(args.det_frozen_bn))
 
 
 def trial_checkpoint_path(run_dir: Path, index: int) -> Path:
