@@ -294,6 +294,10 @@ class DetectionConfig:
                                 "each with aspect ratios 0.5, 1, 2 (the paper's 16-256).")
     det_flip: float = opt(0.5, "Probability of flipping a training image horizontally (detectron2's VOC recipe: 0.5; "
                           "the original code: 0).", at_least=0, at_most=1)
+    det_rois_per_image: int = opt(512, "RoIs sampled per training image for the box head (torchvision's and detectron2's 512; "
+                                  "fewer make a CPU step cheaper).", at_least=1)
+    det_test_proposals: int = opt(1000, "RPN proposals kept per image at evaluation (torchvision's 1000; each goes through "
+                                  "the box head, layer4 with the res5 head).", at_least=1)
     det_frozen_bn: int = opt(0, "1: BatchNorm frozen (running statistics and affine terms fixed, detectron2's FrozenBN); "
                              "0: trained BN (SyncBN over several CUDA processes in fine-tuning, as the paper).", (0, 1))
 

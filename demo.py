@@ -45,9 +45,14 @@ BISSL_CONFIG = f"BiSSL_simclr_arch-{ARCH}_dset-fashionmnist_config.json"
 def get_args_parser() -> argparse.ArgumentParser:
     parser = CommandLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="data", help="dataset root holding FashionMNIST/raw (default: data)")
-    parser.add_argument("--out-dir", default="demo_out", help="weights, runs and results of the demo (default: demo_out)")
+    parser.add_argument("--task", default="classification", choices=("classification", "detection"),
+                        help="classification: the pipeline above; detection: BiSSL and fine-tuning with Faster R-CNN on a "
+                             "generated VOC-layout set (source/tools/detection_demo.py) (default: classification)")
+    parser.add_argument("--out-dir", default=None, help="weights, runs and results of the demo "
+                                                        "(default: demo_out; demo_detection_out with --task detection)")
     parser.add_argument("--nproc", type=int, default=2, help="torchrun processes per stage (default: 2)")
-    parser.add_argument("--seeds", type=int, default=SEEDS, help=f"fine-tuning seeds per backbone, the same for both (default: {SEEDS})")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help=f"fine-tuning seeds per backbone, the same for both (default: {SEEDS}; 3 with --task detection)")
     parser.add_argument("--device", default="cpu", help="cpu|cuda|auto (default: cpu)")
     add_debug_argument(parser)  # also passed on to every stage (BISSL_DEBUG=1)
     return parser
@@ -140,10 +145,13 @@ def main(args: argparse.Namespace) -> None:
     if args.debug:
         os.environ[DEBUG_ENV] = "1"  # the stages' scripts inherit it
     start = time.perf_counter()
-    out_dir = (ROOT / args.out_dir).resolve()
+    out_dir = (ROOT / (args.out_dir or ("demo_detection_out" if args.task == "detection" else "demo_out"))).resolve()
     models = out_dir / "models"
     out_dir.mkdir(parents=True, exist_ok=True)
     stages = Stages(out_dir)
+    if args.task == "detection":
+        return run_detection_demo(args, out_dir, stages, start)
+    args.seeds = SEEDS if args.seeds is None else args.seeds
     general = general_args(Path(args.data_dir).resolve(), models, args.device)
 
     stages.run("1. SimCLR pre-training", torchrun(args.nproc, "ssl_pre-training.py", *general, *pretrain_args()),
@@ -156,6 +164,19 @@ def main(args: argparse.Namespace) -> None:
             args.nproc, "fine-tuning.py", *general, *finetune_args(origin, weights, args.seeds, run_dirs[origin]),
         ), run_dirs[origin] / "summary.txt")
     report(out_dir, run_dirs, stages.timings, models / BISSL_CONFIG, time.perf_counter() - start)
+
+
+def run_detection_demo(args: argparse.Namespace, out_dir: Path, stages: Stages, start: float) -> None:
+    """--task detection: the stages of source.tools.detection_demo, run as the classification ones."""
+    from source.tools import detection_demo
+
+    data_dir = detection_demo.prepare_data(Path(args.data_dir).resolve(), out_dir)
+    general = general_args(data_dir, out_dir / "models", args.device)
+    seeds = detection_demo.SEEDS if args.seeds is None else args.seeds
+    for stage in detection_demo.stages(out_dir, out_dir / "models", seeds):
+        stages.run(stage.name, torchrun(args.nproc, stage.script, *general, *stage.args), stage.done)
+    print("\n" + detection_demo.report(out_dir, stages.timings, time.perf_counter() - start))
+    print(f"[demo] table: {out_dir / 'demo_results.md'} (csv: demo_results.csv); figure: {out_dir / 'demo_results.png'}")
 
 
 def report(out_dir: Path, run_dirs: dict[str, Path], timings: dict[str, float], bissl_config: Path, elapsed: float) -> None:

@@ -52,11 +52,29 @@ def check(name: str, offered: set[str], read: set[str]) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[Path, Path]:
-    """An image-folder dataset and random pretext weights (SimCLR and BYOL, resnet18)."""
+    """An image-folder dataset and random pretext weights (SimCLR and BYOL, resnet18); next to the
+    image folder, ``detection_data(images)``: a tiny generated fmnistdet set with FashionMNIST."""
     images = make_image_folder(tmp_path_factory.mktemp("images"), classes=2, per_class=16, size=16)
     models = tmp_path_factory.mktemp("models")
     write_random_pretext_weights(models)
+    fashion_mnist = Path(__file__).resolve().parents[1] / "data" / "FashionMNIST"
+    if fashion_mnist.is_dir():
+        from source.data.voc_demo_setup import build_fashion_mnist_detection
+
+        detection_data(images).mkdir()
+        (detection_data(images) / "FashionMNIST").symlink_to(fashion_mnist, target_is_directory=True)
+        build_fashion_mnist_detection(detection_data(images), num_images=12, num_images_2012=8, seed=0)
     return images, models
+
+
+def detection_data(images: Path) -> Path:
+    """The data dir of the detection runs (fmnistdet and FashionMNIST), made by the ``data`` fixture."""
+    return images.parent / "detection-data"
+
+
+# The detection path reads the --det-* flags (a tiny detector: 48..64 px images).
+DETECTION = ["--det-min-size", "48", "--det-max-size", "64", "--det-anchor-sizes", "16,32", "--det-flip", "0.5",
+             "--det-rois-per-image", "32", "--det-test-proposals", "50"]
 
 
 def general(images: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -77,13 +95,24 @@ RUNS: dict[str, Callable[[Path, Path, Path], list[list[str]]]] = {
          "--p-batch-size", "8", "--d-batch-size", "8", "--curvature-every", "1", "--curvature-iters", "2",
          "--cg-verbose", "1", "--save-model", "0", "--lower-knn-every", "1", "--align-bank-size", "8",
          "--align-query-size", "4", "--eval-bn-recalibrate-batches", "1", *general(images, tmp / kind)]
-        for kind in ("simclr", "byol")],
+        for kind in ("simclr", "byol")] + [
+        ["--d-dset", "fmnistdet", "--p-dset", "fashionmnist", "--arch", "resnet18", "--img-size", "16", "--p-mlp", "32-16",
+         "--model-dir", str(models), "--p-pretrained-backbone-filename", "pretext_simclr_arch-resnet18_bb.pth",
+         "--p-pretrained-proj-filename", "pretext_simclr_arch-resnet18_proj.pth", "--epochs", "1", "--lower-num-iter", "1",
+         "--upper-num-iter", "1", "--d-linear-warmup-epochs", "1", "--p-batch-size", "4", "--d-batch-size", "2",
+         "--cg-iter-num", "1", "--max-train-samples", "8", "--max-eval-samples", "2", "--save-model", "0",
+         "--det-head", "original", "--det-frozen-bn", "1", *DETECTION, *general(images, tmp / "detection"),
+         "--data-dir", str(detection_data(images))]],
     "fine-tuning.py": lambda images, models, tmp: [
         ["--dset", "imagefolder", "--model-dir", str(models), "--pretrained-backbone-filename",
          "pretext_simclr_arch-resnet18_bb.pth", "--pretrain-arch", "resnet18", "--pretrain-img-size", "16",
          "--batch-size", "8", "--epochs", "1", "--num-runs", "1", "--use-hpo", hpo, *general(images, tmp / f"hpo{hpo}"),
          "--num-workers", hpo]  # --prefetch-factor is read for loaders with workers
-        for hpo in ("0", "1")],
+        for hpo in ("0", "1")] + [
+        ["--dset", "fmnistdet", "--model-dir", str(models), "--pretrained-backbone-filename",
+         "pretext_simclr_arch-resnet18_bb.pth", "--pretrain-arch", "resnet18", "--batch-size", "2", "--epochs", "1",
+         "--num-runs", "1", "--max-train-samples", "2", "--max-eval-samples", "2", *DETECTION,
+         *general(images, tmp / "detection"), "--data-dir", str(detection_data(images))]],
     "source/tools/curvature.py": lambda images, models, tmp: [
         ["--p-dset", "imagefolder", "--p-pretext-type", kind, "--arch", "resnet18", "--img-size", "16", "--p-mlp", "32-16",
          "--model-dir", str(models), "--p-pretrained-backbone-filename", f"pretext_{kind}_arch-resnet18_bb.pth",

@@ -57,7 +57,8 @@ __all__ = ["DetectionUpperTask", "detector_options", "build_detection_task", "lo
 def detector_options(args: argparse.Namespace) -> dict[str, Any]:
     """The ``--det-*`` flags as keyword arguments of :func:`build_faster_rcnn_c4`."""
     return dict(head=args.det_head, min_size=args.det_min_size, max_size=args.det_max_size,
-                anchor_sizes=(parse_anchor_sizes(args.det_anchor_sizes),), frozen_batch_norm=bool(args.det_frozen_bn))
+                anchor_sizes=(parse_anchor_sizes(args.det_anchor_sizes),), frozen_batch_norm=bool(args.det_frozen_bn),
+                box_batch_size_per_image=args.det_rois_per_image, rpn_post_nms_top_n_test=args.det_test_proposals)
 
 
 class DetectionUpperTask:

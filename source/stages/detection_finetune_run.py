@@ -87,7 +87,9 @@ def detector_settings(args: argparse.Namespace) -> DetectorSettings:
     ``--pretrain-cifar-stem``, head, image sizes, anchors and BN from the ``--det-*`` flags."""
     return DetectorSettings(arch=args.pretrain_arch, cifar_stem=bool(args.pretrain_cifar_stem), head=args.det_head,
                             min_size=args.det_min_size, max_size=args.det_max_size,
-                            anchor_sizes=parse_anchor_sizes(args.det_anchor_sizes), frozen_batch_norm=bool(args.det_frozen_bn))
+                            anchor_sizes=parse_anchor_sizes(args.det_anchor_sizes), frozen_batch_norm=bool(args.det_frozen_bn),
+                            extra={"box_batch_size_per_image": args.det_rois_per_image,
+                                   "rpn_post_nms_top_n_test": args.det_test_proposals})
 
 
 def trial_checkpoint_path(run_dir: Path, index: int) -> Path:

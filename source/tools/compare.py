@@ -131,7 +131,8 @@ def _defaults() -> dict:
     """fine-tuning.py's defaults: the value of a setting that a run made before the flag existed lacks."""
     import config_default as cfg
 
-    return {**dataclasses.asdict(cfg.GeneralConfig()), **dataclasses.asdict(cfg.FinetuneConfig())}
+    return {**dataclasses.asdict(cfg.GeneralConfig()), **dataclasses.asdict(cfg.FinetuneConfig()),
+            **dataclasses.asdict(cfg.DetectionConfig())}
 
 
 def _input_hashes(run: Run) -> dict[str, str]:
