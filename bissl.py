@@ -13,6 +13,8 @@ re-estimated BatchNorm statistics) and logging how strongly the two backbones ar
 classes (``align/*``; docs/evidence.md). Writes
 ``<model-dir>/BiSSL-backbone_<type>_arch-<arch>_dset-<dset>.pth`` (the LOWER backbone, the one to
 fine-tune), ``BiSSL-upper-backbone_...pth``, ``BiSSL-upper-head_...pth`` and a config JSON.
+With ``--d-dset voc0712det`` or ``fmnistdet`` the upper level is Faster R-CNN R-C4 trained on the sum
+of its four losses and scored by val AP50 (``--det-*`` flags, docs/detection.md).
 Checkpoints after every alternation; rerunning the same command resumes. SIGTERM, SIGINT or SIGUSR1
 stops the run at the end of the alternation it is in (or of the head warm-up), after its checkpoint,
 with exit status 75.

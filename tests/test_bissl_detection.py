@@ -311,3 +311,34 @@ def test_detection_resume_after_kill_matches_uninterrupted_and_refuses_changed_f
         resumed = torch.load(resumed_dir / name, weights_only=True)
         for key in straight:
             assert torch.allclose(straight[key].float(), resumed[key].float(), atol=1e-6), (name, key)
+
+
+@pytest.mark.long
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_detection_demo_runs_end_to_end_at_tiny_sizes(tmp_path, monkeypatch):
+    """``python demo.py --task detection`` with every size cut down: all stages run, both fine-tuning
+    runs are compared in AP50, and everything is written under the output folder."""
+    if not (DATA_DIR / "FashionMNIST" / "raw").is_dir():
+        pytest.skip("FashionMNIST is not in data/FashionMNIST/raw")
+    from source.tools import detection_demo
+    from tests.script_helpers import load_script
+
+    monkeypatch.setattr(detection_demo, "PRETRAIN", dict(epochs=1, batch_size=32, samples=64, lr=0.5, warmup_epochs=0))
+    monkeypatch.setattr(detection_demo, "DATA", dict(num_images_2007=24, num_images_2012=8, seed=1))
+    monkeypatch.setattr(detection_demo, "DETECTOR", dict(min_size=48, max_size=64, anchor_sizes="16,32", rois_per_image=16,
+                                                         test_proposals=20))
+    monkeypatch.setattr(detection_demo, "BISSL", dict(alternations=1, lower_steps=1, upper_steps=1, lam=0.001, p_lr=0.2,
+                                                      p_batch_size=16, d_batch_size=2, warmup_epochs=1, d_lr=0.015,
+                                                      d_wd=0.0, cg_iters=1, eval_samples=2))
+    monkeypatch.setattr(detection_demo, "FINETUNE", dict(epochs=1, batch_size=2, lr=0.01, wd=1e-4, eval_samples=4))
+    demo = load_script("demo.py")
+    out_dir = tmp_path / "out"
+    demo.main(demo.get_args_parser().parse_args(["--task", "detection", "--data-dir", str(DATA_DIR), "--out-dir", str(out_dir),
+                                                 "--nproc", "1", "--seeds", "2"]))
+    table = (out_dir / "demo_results.md").read_text()
+    assert "SimCLR + BiSSL" in table and "AP50" in table
+    assert (out_dir / "demo_results.png").is_file() and (out_dir / "data" / "fmnistdet" / "VOCdevkit").is_dir()
+    for origin in ("pretext", "bissl"):
+        rows = (out_dir / f"finetune_{origin}" / "results.jsonl").read_text().splitlines()
+        assert len(rows) == 2 and all('"metric": "ap50"' in row for row in rows)
