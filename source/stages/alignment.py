@@ -55,10 +55,10 @@ class KnnAlignment:
     def measure(self, lower_backbone: nn.Module, upper_backbone: nn.Module, device: torch.device,
                 dtype: torch.dtype | None = None) -> dict[str, float]:
         """``{"align/lower_knn_top1": θ_P's, "align/upper_knn_top1": θ_D's}`` (collective)."""
-        return {"align/lower_knn_top1": self.top1(lower_backbone, device, dtype),
-                "align/upper_knn_top1": self.top1(upper_backbone, device, dtype)}
+        return {"align/lower_knn_top1": self.knn_top1(lower_backbone, device, dtype),
+                "align/upper_knn_top1": self.knn_top1(upper_backbone, device, dtype)}
 
-    def top1(self, backbone: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> float:
+    def knn_top1(self, backbone: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> float:
         """kNN top-1 (%) of ``backbone``'s eval-mode features: queries scored against the bank."""
         bank, bank_labels = extract_features(backbone, self.bank_loader, device, dtype, self.layout)
         queries, labels = extract_features(backbone, self.query_loader, device, dtype, self.layout)
