@@ -262,7 +262,7 @@ def bissl_inputs(tmp_path_factory):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.slow
+@pytest.mark.long  # two 2-process bissl.py runs: about 4 min on 2 loaded cores, over what CI can spend
 def test_metrics_leave_a_two_process_run_bit_identical(bissl_inputs, tmp_path):
     """Two ranks (torchrun, gloo), two alternations: with every metric on (kNN after each alternation,
     val on a BN-recalibrated copy) the checkpoint -- weights, BN buffers, optimizer and scheduler
