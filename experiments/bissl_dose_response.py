@@ -357,9 +357,23 @@ def csv_table(measured: list[dict], baseline: dict) -> str:
     return buffer.getvalue()
 
 
-def plot(points: list[Point], measured: list[dict], baseline: dict, lower_steps: int, path: Path) -> Path:
-    """kNN and linear test top-1 (mean, 95 % CI over seeds) against λ (left) and lower-level steps (right),
-    BiSSL solid and its control dashed, one colour per lower optimizer/lr; the pre-trained backbone as a grey line."""
+def _curve(measured: list[dict], names: list[str], kind: str, score: str) -> tuple[list[float], list[float], list[list[float]]]:
+    """Per point name: the mean score over seeds, its 95 % CI as error bar lengths, and the mean movement (%)."""
+    means, errors, moved = [], [[], []], []
+    for name in names:
+        group = [m for m in measured if m["point"] == name and m["kind"] == kind]
+        mean, low, high = mean_interval([m[score] for m in group])
+        means.append(mean)
+        errors[0].append(0.0 if math.isnan(low) else mean - low)
+        errors[1].append(0.0 if math.isnan(high) else high - mean)
+        moved.append(100 * sum(m["moved"] for m in group) / max(len(group), 1))
+    return means, moved, errors
+
+
+def plot(points: list[Point], measured: list[dict], baseline: dict, path: Path) -> Path:
+    """kNN and linear test top-1 (mean, 95 % CI over seeds) against λ (left: one curve per lower optimizer,
+    lr and T; BiSSL solid, its control dashed) and against how far the lower backbone moved from the
+    pre-trained one (right: every point, BiSSL filled, control open); the pre-trained backbone grey."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -368,39 +382,33 @@ def plot(points: list[Point], measured: list[dict], baseline: dict, lower_steps:
     figure = Figure(figsize=(11, 7.5))
     FigureCanvasAgg(figure)
     grid = figure.subplots(2, 2, squeeze=False)
-    colours = {}
+    curves: dict[str, list[Point]] = {}
+    for point in points:
+        curves.setdefault(f"{point.optimizer} lr {point.lr:g}, T {point.alternations}", []).append(point)
     for row, score in enumerate(("knn_test_top1", "linear_test_top1")):
-        for column, axis_of in enumerate(("lam", "steps")):
-            axes = grid[row][column]
-            curves: dict[tuple, list[tuple[float, Point]]] = {}
-            for point in points:  # a curve varies one axis with everything else fixed
-                x = point.lam if axis_of == "lam" else point.alternations * max(lower_steps, 1)
-                key = (point.optimizer, point.lr, point.alternations if axis_of == "lam" else point.lam)
-                curves.setdefault(key, []).append((x, point))
-            for key, members in curves.items():
-                if len(members) < 2 and len(curves) > 1 and any(len(m) > 1 for m in curves.values()):
-                    continue  # a lone point belongs to the other panel's curve
-                members.sort(key=lambda pair: pair[0])
-                label = f"{key[0]} lr {key[1]:g}, " + (f"T {key[2]}" if axis_of == "lam" else f"λ {key[2]:g}")
-                colour = colours.setdefault(label, f"C{len(colours) % 10}")
-                for kind, style in (("bissl", "-"), ("control", "--")):
-                    xs, means, lows, highs = [], [], [], []
-                    for x, point in members:
-                        values = [m[score] for m in measured if m["point"] == point.name and m["kind"] == kind]
-                        mean, low, high = mean_interval(values)
-                        xs.append(x)
-                        means.append(mean)
-                        lows.append(mean - low if not math.isnan(low) else 0.0)
-                        highs.append(high - mean if not math.isnan(high) else 0.0)
-                    axes.errorbar(xs, means, yerr=[lows, highs], ls=style, marker="o", capsize=3, color=colour,
-                                  label=f"{label}{'' if kind == 'bissl' else ' (no upper)'}")
+        by_lam, by_movement = grid[row]
+        for index, (label, members) in enumerate(curves.items()):
+            members = sorted(members, key=lambda point: point.lam)
+            names, lams = [point.name for point in members], [point.lam for point in members]
+            for kind, style, face in (("bissl", "-", f"C{index % 10}"), ("control", "--", "white")):
+                means, moved, errors = _curve(measured, names, kind, score)
+                suffix = "" if kind == "bissl" else " (no upper)"
+                by_lam.errorbar(lams, means, yerr=errors, ls=style, marker="o", capsize=3, color=f"C{index % 10}",
+                                mfc=face, label=label + suffix)
+                by_movement.errorbar(moved, means, yerr=errors, ls="none", marker="o", capsize=3, color=f"C{index % 10}",
+                                     mfc=face, label=label + suffix)
+                if kind == "bissl":
+                    for x, y, lam in zip(moved, means, lams):
+                        by_movement.annotate(f"λ {lam:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        name = ("kNN" if score.startswith("knn") else "linear probe") + " test top-1 (%)"
+        for axes, xlabel in ((by_lam, "λ"), (by_movement, "lower backbone moved from the pre-trained one, ‖θ − θ₀‖/‖θ₀‖ (%)")):
             axes.axhline(baseline[score], color="grey", lw=1, label="pre-trained")
-            axes.set_xscale("log")
-            axes.set_xlabel("λ" if axis_of == "lam" else "lower steps (alternations × N_L)")
-            axes.set_ylabel(("kNN" if score.startswith("knn") else "linear probe") + " test top-1 (%)")
+            axes.set_xlabel(xlabel)
+            axes.set_ylabel(name)
             axes.grid(alpha=0.3)
             axes.legend(fontsize=7)
-    figure.suptitle("BiSSL lower backbone, probed: mean and 95 % CI over seeds (solid BiSSL, dashed no-upper control)")
+        by_lam.set_xscale("log")
+    figure.suptitle("BiSSL lower backbone, probed: mean and 95 % CI over seeds (filled BiSSL, open no-upper control)")
     figure.tight_layout()
     return save_figure_atomic(figure, path)
 
@@ -427,7 +435,7 @@ def report(study: Study, runner: StageRunner, points: list[Point], runs: list[Ru
     print("\n" + text)
     write_text_atomic(text + "\n", study.out_dir / "dose_response.md")
     write_text_atomic(csv_table(measured, baseline), study.out_dir / "dose_response.csv")
-    figure = plot(points, measured, baseline, study.lower_steps, study.out_dir / "dose_response.png")
+    figure = plot(points, measured, baseline, study.out_dir / "dose_response.png")
     print(f"[dose-response] table: {study.out_dir / 'dose_response.md'} (csv: dose_response.csv); figure: {figure}")
 
 
