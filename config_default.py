@@ -55,6 +55,12 @@ class GeneralConfig:
     run_dir: str = opt("", "Run directory for checkpoints and metrics (default: <model-dir>/runs/<run name>).")
     resume: int = opt(1, "1: continue automatically from the run directory's checkpoint if it exists; 0: start over.", (0, 1))
     amp: str = opt("auto", "Mixed precision: auto = bf16 on CUDA, none on CPU.", ("auto", "none", "bf16", "fp16"))
+    compile: int = opt(0, "1: torch.compile the model's forward (and so its backward) in place: ssl_pre-training.py the "
+                       "pretext model, fine-tuning.py each trial's classifier, bissl.py the upper backbone only (the "
+                       "lower model is differentiated twice for the Hessian-vector products, which torch.compile does "
+                       "not support). Needs a C++ compiler on CPU, Triton on CUDA; the first steps pay the compilation. "
+                       "Off by default: its effect is not measured yet (bench/bench_pretrain_throughput.py --compile-ratio).",
+                       (0, 1))
     wandb_project: str = opt("", "Weights & Biases project to log to (empty = no wandb).")
     wandb_mode: str = opt("online", "wandb mode; 'offline' works without network.", ("online", "offline", "disabled"))
     log_every: int = opt(10, "Write a metrics line every this many optimizer steps.", at_least=1)

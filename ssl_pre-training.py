@@ -20,7 +20,7 @@ from source.run.errors import run_entry_point
 from source.run.runtime import amp_dtype, open_run_dir, per_rank_batch_size, run_directory, start
 from source.run.signals import STOP
 from source.run.tracking import MetricsWriter
-from source.stages.engine import make_grad_scaler, train_pretext_epoch
+from source.stages.engine import compile_modules, make_grad_scaler, train_pretext_epoch
 from source.stages.pretext_run import (
     PretextCheckpoint,
     build_loader,
@@ -60,6 +60,7 @@ def main(args: argparse.Namespace) -> None:
     resumed = args.resume and checkpoint.path.is_file()
     epochs_done, global_step = checkpoint.resume(get_args_parser(), steps_per_epoch) if resumed else (0, 0)
     ddp_model = wrap_distributed(model, env)
+    compile_modules(bool(args.compile), env.device, ddp_model)
     after_step = byol_target_update(args, model, args.epochs * steps_per_epoch)
     writer = MetricsWriter(run_dir, env.is_main, vars(args), args.wandb_project, args.wandb_mode)
     if env.is_main:

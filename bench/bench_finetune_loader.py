@@ -20,6 +20,15 @@ reseeding the training loader does; the table gives the median ms per sample and
 chain / cached (the headline: the largest size's; goal >= 10 at 96 px from 500 px JPEGs). The
 one-off cost of building the cache (ms per image) and its size are printed too. The load average
 is printed before and after: record it with the figures.
+
+Cores per GPU for a sweep: a GPU that trains ``--gpu-images-per-s`` fine-tuning images per second
+needs that rate times each pipeline's ms per sample of loader CPU (one core's ms, so cores =
+rate x ms / 1000), printed per size for the chain, the fused view and the cache. The default rate
+is an estimate from bench/RESULTS.md's CUDA section: the H200's bare SimCLR step at the paper's
+per-GPU setting (ResNet-50, 96 px, bf16, channels_last) trains about 4,700 two-view samples/s,
+i.e. about 9,400 single-view images/s, a fine-tuning step's load; measure the fine-tuning step
+itself with ``bench_finetune_throughput.py --sizes 96 --script-workers --device cuda --arch resnet50``
+and pass its rate.
 """
 from __future__ import annotations
 
@@ -52,6 +61,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=int, default=300, help="JPEGs per timed pass (default: 300)")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes per pipeline and size (default: 5)")
     parser.add_argument("--crop-min-scale", type=float, default=0.5, help="crop area minimum (default: 0.5, the paper's)")
+    parser.add_argument("--gpu-images-per-s", type=float, default=9400.0,
+                        help="fine-tuning images/s of one GPU for the cores-per-GPU estimate (default: 9400, the H200's "
+                             "ResNet-50 96 px bf16 bare step: 4,700 two-view samples/s, bench/RESULTS.md CUDA section)")
     parser.add_argument("--quick", action="store_true", help="24 images, 2 repeats: only checks that the bench runs")
     add_json_argument(parser, NAME)
     return parser
@@ -83,6 +95,16 @@ def ms_per_sample(dataset, epoch: int) -> float:
     for index in range(len(dataset)):
         seeded[index, sample_seed(0, epoch, index)]
     return (time.perf_counter() - start) * 1000 / len(dataset)
+
+
+def print_cores_per_gpu(rows: list[dict], gpu_images_per_s: float) -> None:
+    """Loader cores one GPU needs per pipeline: its rate times the one-core ms per sample (see the docstring)."""
+    print(f"loader cores per GPU at {gpu_images_per_s:,.0f} images/s (rate x one-core ms per sample / 1000):")
+    for row in rows:
+        cores = {name: gpu_images_per_s * row[f"{name}_ms"] / 1000 for name in ("chain", "fused", "cached")}
+        row["cores_per_gpu"] = cores
+        print(f"  {row['size']:>4} px: without the cache {cores['chain']:.1f} (torchvision chain) / {cores['fused']:.1f} "
+              f"(fused view); with the cache {cores['cached']:.1f}")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -125,12 +147,14 @@ def main(args: argparse.Namespace) -> None:
             print(f"{size:>5} {side:>5} {median['chain']:>9.3f} {median['fused']:>9.3f} {median['cached']:>10.3f} "
                   f"{ratio:>13.1f} {build_ms:>13.2f} {cache.nbytes / 1e6:>9.1f}")
     print(f"load average after: {os.getloadavg()}")
+    print_cores_per_gpu(rows, args.gpu_images_per_s)
     headline = max(rows, key=lambda row: row["size"])
     write_report(args, NAME, headline["chain_over_cached"],
                  f"chain / cached loader ms per sample at {headline['size']} px from {args.jpeg_side} px JPEGs, one core "
                  "(> 1: the cache is cheaper; goal >= 10)",
                  {"images": len(images), "repeats": args.repeats, "jpeg_side": args.jpeg_side,
-                  "crop_min_scale": args.crop_min_scale, "pinned": pinned, "settings": rows})
+                  "crop_min_scale": args.crop_min_scale, "pinned": pinned, "gpu_images_per_s": args.gpu_images_per_s,
+                  "settings": rows})
 
 
 if __name__ == "__main__":

@@ -25,6 +25,16 @@ downstream head is a fresh linear layer. Full run (about 4 minutes on 2 idle CPU
     python bench/bench_solvers.py --threads 2
     python bench/bench_solvers.py --quick          # a smoke test of the script (about 1 minute)
 
+4. the precision axis (``--precisions``, issue 20): per ``--hvp-precision``, at each δ, the
+   relative error of x (K = ``--match-k`` iterations of ``--precision-solver``) against the same
+   solve in float64 (a float64 copy of the model and the solver), its true relative residual
+   ‖v − A·x‖/‖v‖ with A applied in float64, the seconds per HVP (median over K products on the
+   shared graph) and per upper step (the trainer's own, graph shared, at the last δ).
+   ``--precision-only`` skips 2 and 3 (the GPU call of ``bench/cuda_run.sh``); its ratio is the
+   last precision's upper-step time over the first's.
+
+    python bench/bench_solvers.py --precision-only --precisions fp32,bf16     # CPU: the two that differ
+
 The ratio is the upper steps' time with the shared graph and MINRES (at the K that matches the
 original's accuracy) over the original scheme's; every number goes to bench/results/solvers.json.
 """
@@ -51,6 +61,7 @@ from source.maths.bilevel import (
     HessianVectorOperator,
     frozen_batch_norm_statistics,
     hessian_vector_product,
+    implicit_gradient,
     solve,
 )
 from source.maths.curvature import probe_hessian
@@ -90,6 +101,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lam", type=float, default=0.001)
     parser.add_argument("--upper-steps", type=int, default=3, help="upper steps per timed alternation (N_U)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precisions", default="fp32,bf16",
+                        help="--hvp-precision values to compare with float64 (comma-separated; on CPU fp32-strict and "
+                             "tf32 are fp32); empty: skip the precision axis")
+    parser.add_argument("--precision-solver", default="minres", choices=SOLVERS, help="solver of the precision axis")
+    parser.add_argument("--precision-only", action="store_true", help="only the precision axis (no solver curves or schemes)")
     parser.add_argument("--quick", action="store_true", help="tiny settings to check that the script runs")
     add_json_argument(parser, NAME)
     return parser
@@ -224,10 +240,71 @@ def time_upper_steps(base: BisslTrainer, scheme: str, solver: str, cg_iters: int
     return seconds, peak_memory_metrics(device).get("peak_memory_gib", math.nan) * 1024
 
 
+def _flat64(vectors) -> torch.Tensor:
+    return torch.cat([v.detach().double().flatten() for v in vectors])
+
+
+def precision_axis(args: argparse.Namespace, model: SimCLR, views, rhs_list, deltas: list[float], base: BisslTrainer,
+                   upper_batches, device: torch.device) -> dict:
+    """Per precision and δ: x's relative error against the float64 solve, its float64 true residual,
+    seconds per HVP and per upper step (see the module docstring, item 4)."""
+    model64 = copy.deepcopy(model).double()
+    views64 = tuple(v.double() for v in views)
+    params, params64 = list(model.backbone.parameters()), list(model64.backbone.parameters())
+    with frozen_batch_norm_statistics(model64):
+        hessian64 = HessianVectorOperator(lambda: model64(*views64, gather_across_ranks=False), params64, "fp64")
+    solves = {delta: dict(lam=args.lam, damping=delta, cg_iters=args.match_k, solver=args.precision_solver) for delta in deltas}
+    references = {(delta, i): implicit_gradient(params64, rhs, hessian=hessian64, precision="fp64", **solves[delta])[0]
+                  for delta in deltas for i, rhs in enumerate(rhs_list)}
+    figures: dict = {}
+    for precision in [p.strip() for p in args.precisions.split(",") if p.strip()]:
+        with frozen_batch_norm_statistics(model):
+            hessian = HessianVectorOperator(lambda: model(*views, gather_across_ranks=False), params, precision)
+        hvp_seconds = []
+        for _ in range(args.match_k):
+            _synchronize(device)
+            start = time.perf_counter()
+            hessian(rhs_list[0])
+            _synchronize(device)
+            hvp_seconds.append(time.perf_counter() - start)
+        entry: dict = {"seconds_per_hvp": statistics.median(hvp_seconds), "deltas": {}}
+        for delta in deltas:
+            errors, residuals = [], []
+            for i, rhs in enumerate(rhs_list):
+                x, _ = implicit_gradient(params, rhs, hessian=hessian, precision=precision, **solves[delta])
+                x64 = references[delta, i]
+                ax = [x_i + h_i / (args.lam + delta) for x_i, h_i in zip(_as64(x), hessian64(_as64(x)))]
+                errors.append(float((_flat64(x) - _flat64(x64)).norm() / _flat64(x64).norm()))
+                residuals.append(float((_flat64(rhs) - _flat64(ax)).norm() / _flat64(rhs).norm()))
+            entry["deltas"][f"{delta:g}"] = {"rel_error_vs_fp64": statistics.median(errors),
+                                             "true_rel_residual": statistics.median(residuals)}
+        del hessian
+        trainer = copy.deepcopy(base)
+        trainer.settings.hvp_precision = precision
+        seconds, _ = time_upper_steps(trainer, "shared", args.precision_solver, args.match_k, views, upper_batches, device)
+        entry["seconds_per_upper_step"] = seconds / len(upper_batches)
+        figures[precision] = entry
+    print(f"\nprecision axis: {args.precision_solver} K={args.match_k}, x against the same solve in float64 "
+          "(median over the right-hand sides); true residual with A in float64")
+    print(f"  {'precision':12}" + "".join(f"{'δ=' + d + ' rel err':>18}{'residual':>11}" for d in map('{:g}'.format, deltas))
+          + f"{'s/HVP':>9}{'s/upper step':>14}")
+    for precision, entry in figures.items():
+        cells = "".join(f"{entry['deltas'][f'{d:g}']['rel_error_vs_fp64']:18.3g}{entry['deltas'][f'{d:g}']['true_rel_residual']:11.4g}"
+                        for d in deltas)
+        print(f"  {precision:12}{cells}{entry['seconds_per_hvp']:9.3f}{entry['seconds_per_upper_step']:14.3f}")
+    return figures
+
+
+def _as64(vectors):
+    return tuple(v.double() for v in vectors)
+
+
 def main(args: argparse.Namespace) -> dict:
     # The copies of the trainer would each warn about the indefinite solve; the table says it all.
     logging.getLogger("source.stages.bissl_trainer").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="Seems like `optimizer.step\\(\\)` has been overridden")
+    if args.precision_only and not args.precisions:
+        raise SystemExit("--precision-only needs --precisions")
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
@@ -272,7 +349,7 @@ def main(args: argparse.Namespace) -> dict:
     rhs_list = [right_hand_side(model, head, images, targets) for images, targets in batches]
 
     results: dict = {"origin": origin, "probe": probe.to_dict(), "graph_build_s": build_seconds, "deltas": {}}
-    for delta in deltas:
+    for delta in ([] if args.precision_only else deltas):
         per_rhs = [solver_curves(hessian, args.lam + delta, rhs, args.max_iters, device) for rhs in rhs_list]
         summary = {}
         for solver in SOLVERS:
@@ -317,6 +394,16 @@ def main(args: argparse.Namespace) -> dict:
                         warmup_cosine_scheduler(upper_optimizer, 0, 10, 0.001), settings, device)
     upper_batches = [tuple(t.to(device) for t in next(upper_stream)) for _ in range(args.upper_steps)]
     upper_stream.close()
+    if args.precisions:
+        time_upper_steps(base, "shared", "layerwise", 1, views, upper_batches[:1], device)  # warm-up
+        results["precisions"] = precision_axis(args, model, views, rhs_list, deltas, base, upper_batches, device)
+    if args.precision_only:
+        first, last = list(results["precisions"].values())[0], list(results["precisions"].values())[-1]
+        names = list(results["precisions"])
+        results["total_s"] = time.perf_counter() - total_start
+        write_report(args, NAME, last["seconds_per_upper_step"] / first["seconds_per_upper_step"],
+                     f"upper step seconds, --hvp-precision {names[-1]} over {names[0]}", results)
+        return results
     # At the last damping (the positive definite one by default), where "equal accuracy" means something.
     matched = results["deltas"][f"{deltas[-1]:g}"]["minres"]["products_to_match"] or args.match_k
     schemes = [("original (recompute every HVP), layerwise", "original", "layerwise", args.match_k),

@@ -2,8 +2,10 @@
 # Every GPU test and benchmark of this project in one call, for a lent one-GPU machine, run from
 # the repository root (figures go to bench/RESULTS.md by hand):
 #
-#   bash bench/cuda_run.sh [OUT_DIR]                 # every part: at most about 11 minutes on one H100/H200
+#   bash bench/cuda_run.sh [OUT_DIR]                 # every part: at most about 28 minutes on one H100/H200
 #   PARTS="bissl_resnet50 augment_jpeg" bash bench/cuda_run.sh OUT_DIR    # only these parts
+#   PARTS="solvers_precision finetune_throughput finetune_loader compile_ratio" bash bench/cuda_run.sh OUT_DIR
+#                                                    # issue 20's figures (their time limits add up to 16.5 min)
 #
 # It uses .venv/bin/python when there is one (make setup), else python3 (PY=... picks another);
 # a python without the editable install finds the package through PYTHONPATH, set below.
@@ -79,4 +81,22 @@ part bissl_resnet50 150 bash -c "set -e
         --d-batch-size 64 --epochs 3 --d-linear-warmup-epochs 1 --d-max-train-samples 2048 --max-train-samples 20480 \
         --max-eval-samples 1024 --run-dir $WORK/bissl --resume 0
     grep -h throughput/ $WORK/bissl/metrics.jsonl"
+# 7. HVP precision (issue 20): per --hvp-precision, x's relative error against the same solve in float64 and its
+#    true residual (at delta 10 and a positive definite delta), seconds per HVP and per upper step, at the
+#    paper's per-GPU scale. fp32 = PyTorch's defaults (cuDNN convolutions in TF32), fp32-strict = IEEE.
+part solvers_precision 240 $PY bench/bench_solvers.py --device cuda --arch resnet50 --img-size 96 --hessian-batch 256 \
+    --upper-batch 64 --pretrain-batch 256 --pretrain-steps 5 --num-rhs 1 --probe-iters 10 --upper-steps 2 --match-k 5 \
+    --precision-only --precisions ${PRECISIONS:-fp32,fp32-strict,tf32,bf16} --json "$OUT_DIR/solvers_precision_cuda.json"
+# 8. Fine-tuning (issue 20): the bare ResNet-50 classifier step at 96 px, batch 256 (the GPU rate of the sweep's
+#    cores-per-GPU estimate), and fine-tuning.py's share of it with and without the decode cache (500 px JPEGs).
+part finetune_throughput 300 $PY bench/bench_finetune_throughput.py --device cuda --arch resnet50 --sizes 96 \
+    --batch-size 256 --script-workers ${FT_WORKERS:-8} --images 2560 --epochs 3 --repeats 1 \
+    --json "$OUT_DIR/finetune_throughput_cuda.json"
+# 9. Loader cost per fine-tuning sample on one of this machine's cores, with and without the cache, and the
+#    cores per GPU it implies (GPU_RATE: images/s from part 8's bare step; default the H200 estimate).
+part finetune_loader 150 $PY bench/bench_finetune_loader.py --sizes 96 --jpeg-side 500 --images 300 --repeats 3 \
+    --gpu-images-per-s ${GPU_RATE:-9400} --json "$OUT_DIR/finetune_loader.json"
+# 10. --compile: the bare fine-tuning step (ResNet-50, 96 px, batch 256, bf16) compiled over eager.
+part compile_ratio 300 $PY bench/bench_finetune_throughput.py --device cuda --arch resnet50 --sizes 96 \
+    --batch-size 256 --steps 20 --repeats 2 --compile-ratio --json "$OUT_DIR/compile_ratio_cuda.json"
 echo "done $(date +%T)" | tee -a "$SUMMARY"

@@ -206,3 +206,29 @@ def test_trainer_default_is_fp32_and_fp64_runs_on_a_double_copy():
     assert all(x.dtype == torch.float32 for x in solutions["fp64"])
     difference = rel(flat(solutions["fp32"]), flat(solutions["fp64"]))
     assert 0 < difference < 1e-5, difference
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_every_precision_on_cuda_against_the_dense_reference(system):
+    """On a GPU: IEEE float32 (fp32-strict) to float32 rounding; TF32 (10-bit mantissa, unit
+    roundoff 2^-11 ≈ 5e-4; fp32 = PyTorch's default lets cuDNN convolutions use it) and bf16
+    (2^-9) to their rounding over a few layers; fp64 to float64 rounding."""
+    _, _, H, _, _ = system
+    bounds = {"fp32-strict": 1e-5, "fp32": 1e-2, "tf32": 1e-2, "bf16": 0.05, "fp64": 1e-12}
+    for name, bound in bounds.items():
+        model, loss, _ = small_model_and_loss(torch.float64 if name == "fp64" else torch.float32)
+        model.cuda()
+        loss_cuda = _on_cuda(model, loss)
+        params = list(model.parameters())
+        v = tuple(t.cuda() for t in random_vectors(params, 8))
+        product = HessianVectorOperator(loss_cuda, params, name)(v)
+        error = rel(flat(product).cpu(), H @ flat(v).cpu())
+        assert error < bound, (name, error)
+
+
+def _on_cuda(model: nn.Module, loss):
+    """The small model's loss with its inputs and targets on the GPU."""
+    _, _, (inputs, targets) = small_model_and_loss(next(model.parameters()).dtype)
+    inputs, targets = inputs.cuda(), targets.cuda()
+    return lambda: nn.functional.cross_entropy(model(inputs), targets)

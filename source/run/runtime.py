@@ -91,6 +91,7 @@ RESULT_NEUTRAL_FLAGS = frozenset({
     # untouched (source/stages/alignment.py); they change what is reported, not the trained weights
     "lower_knn_every", "align_bank_size", "align_query_size", "eval_bn_recalibrate_batches",
     "debug",  # only how errors are shown
+    "compile",  # torch.compile: the same computation, fused kernels (rounding-level differences, as AMP's)
     # Where fine-tuning's images are decoded and kept: the same crop/flip choices (per-sample seeds) on
     # the same pixels, except images the cache stores reduced (larger than --decode-cache-side), which
     # differ by a second resampling (source/data/decoded_cache.py: 0.45 grey levels of 255 measured)

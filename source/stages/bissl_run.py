@@ -37,6 +37,7 @@ from source.maths.models import build_backbone
 from source.maths.optim import build_optimizer, warmup_cosine_scheduler
 from source.run import checkpoint as ckpt
 from source.run.distributed import DistEnv, barrier, broadcast_module_, check_ranks_identical
+from source.run.errors import ConfigError
 from source.run.runtime import changed_settings, check_settings_unchanged, per_rank_batch_size
 from source.run.tracking import MetricsWriter
 from source.stages.alignment import KnnAlignment, build_knn_alignment, build_recalibration_loader, recalibrated_copy
@@ -48,7 +49,7 @@ from source.stages.bissl_detection import (
 )
 from source.stages.bissl_trainer import BilevelSettings, BisslTrainer
 from source.stages.detection_finetune import is_detection_dataset
-from source.stages.engine import memory_format, peak_memory_metrics
+from source.stages.engine import compile_modules, memory_format, peak_memory_metrics
 from source.stages.evaluation import evaluate, sharded_eval_loader
 from source.stages.pretext import BYOL, build_pretext_model
 
@@ -172,6 +173,11 @@ def pretext_streams(args: argparse.Namespace, env: DistEnv, lower_batch: int
 def build_detection_data(args: argparse.Namespace, env: DistEnv, lower_batch: int, upper_batch: int) -> BisslData:
     """build_data for a detection --d-dset (source.stages.bissl_detection): the VOC-layout splits,
     an upper stream of (images, targets) lists, and the val shard scored by AP50 after every alternation."""
+    unavailable = [flag for flag, value in (("--lower-knn-every", args.lower_knn_every),
+                                            ("--eval-bn-recalibrate-batches", args.eval_bn_recalibrate_batches)) if value]
+    if unavailable:
+        raise ConfigError(f"{' and '.join(unavailable)}: classification measurements, not available with the detection "
+                          f"--d-dset {args.d_dset}; leave them at 0")
     splits = load_detection_splits(args)
     pretext_set, lower_stream, probe_stream = pretext_streams(args, env, lower_batch)
     upper_stream = detection_upper_stream(args, splits, upper_batch, stream_options(args, env))
@@ -224,6 +230,8 @@ def build_trainer(args: argparse.Namespace, env: DistEnv, data: BisslData, dtype
     # A detection --d-dset: Faster R-CNN around θ_D, the upper loss its four losses (source.stages.bissl_detection).
     upper_task = build_detection_task(args, env, data.splits.num_classes, upper_backbone) if is_detection_dataset(args.d_dset) else None
     head = nn.Linear(feat_dim, data.splits.num_classes).to(env.device) if upper_task is None else upper_task.head
+    # --compile: the upper backbone only (see its help); a detection upper level stays eager.
+    compile_modules(bool(args.compile) and upper_task is None, env.device, upper_backbone)
     # Ranks seed with seed + rank; the head must nevertheless start identical on every rank (and as
     # in a one-process run), so rank 0's initialisation is sent to all.
     broadcast_module_(head)

@@ -1,8 +1,11 @@
 """Training loops shared by the entry scripts."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterable
 
@@ -46,6 +49,29 @@ def memory_format(channels_last: str, device: torch.device) -> torch.memory_form
         raise ValueError(f"--channels-last {channels_last!r}; valid: auto, 0, 1")
     use = device.type == "cuda" if channels_last == "auto" else channels_last == "1"
     return torch.channels_last if use else torch.contiguous_format
+
+
+def check_compile_available(device: torch.device) -> None:
+    """ConfigError unless ``torch.compile`` can generate code here: its default backend (inductor)
+    builds C++ kernels on CPU, which needs a C++ compiler, and Triton kernels on CUDA."""
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise ConfigError("--compile 1 on CUDA needs Triton (pip install triton), which torch.compile generates its "
+                          "GPU kernels with; run with --compile 0")
+    compilers = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+    if device.type == "cpu" and not any(name and shutil.which(name) for name in compilers):
+        raise ConfigError("--compile 1 on CPU needs a C++ compiler (g++ or clang++ on PATH, or $CXX), which "
+                          "torch.compile builds its CPU kernels with; install one or run with --compile 0")
+
+
+def compile_modules(enabled: bool, device: torch.device, *modules: nn.Module) -> None:
+    """``--compile 1``: compile each module's forward in place (``nn.Module.compile``: its state_dict
+    keys, and so checkpoints and weight files, stay those of the eager module); the backward pass
+    follows from the compiled graph. Nothing when ``enabled`` is false."""
+    if not enabled:
+        return
+    check_compile_available(device)
+    for module in modules:
+        module.compile()
 
 
 class Throughput:

@@ -35,7 +35,7 @@ from source.run.runtime import changed_settings, check_settings_unchanged
 from source.run.signals import STOP
 from source.run.state_dict import WeightsError
 from source.run.tracking import MetricsWriter
-from source.stages.engine import memory_format
+from source.stages.engine import compile_modules, memory_format
 from source.stages.evaluation import METRIC_LABELS
 from source.stages.finetune import STATUS_OK, fine_tune, score_name
 from source.stages.finetune_data import serve_splits, trial_train_loader
@@ -148,6 +148,7 @@ def run_trial(
     backbone.load_state_dict(pretrained)
     layout = memory_format(args.channels_last, env.device)  # of the backbone's weights and the input batches
     model = Classifier(backbone, feat_dim, splits.num_classes).to(env.device, memory_format=layout)
+    compile_modules(bool(args.compile), env.device, model)
     train_loader = trial_train_loader(args, env, train_set, trial.seed)
 
     # A rerun of a trial that was killed starts over: its old per-epoch log and wandb run go. One that

@@ -58,6 +58,8 @@ NOT_PROBE_FLAGS = (
     "p_lr", "p_wd", "p_momentum", "p_optimizer", "p_lars_exclude_bias_bn", "p_ma_decay", "p_ma_use_scheduler",
     "d_dset", "d_batch_size", "d_lr", "d_wd", "d_momentum", "d_optimizer", "d_linear_warmup_epochs", "d_linear_warmup_lr",
     "d_linear_warmup_update_bn", "d_max_train_samples", "max_eval_samples", "multilabel_loss", "val_fraction",
+    "compile",  # the probe's HVPs differentiate the model twice, which torch.compile does not support
+    "hvp_precision",  # the probe measures H's spectrum in float32 (its Ritz values are what A's definiteness needs)
 )
 
 

@@ -55,7 +55,7 @@ SPLITS = ("train", "val", "test")
 
 
 # General flags the probe has no use for: it logs no training steps and has nothing to resume.
-UNUSED_GENERAL_FLAGS = ("log_every", "wandb_project", "wandb_mode", "resume")
+UNUSED_GENERAL_FLAGS = ("log_every", "wandb_project", "wandb_mode", "resume", "compile")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
