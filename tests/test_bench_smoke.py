@@ -17,7 +17,7 @@ NEEDS = {"bench_augment.py": "lightly"}  # its reference pipeline, from requirem
 
 def test_every_benchmark_is_found():
     assert {"bench_augment.py", "bench_pretrain_throughput.py", "bench_solvers.py", "bench_upper_step.py",
-            "bench_throughput_meter.py"} <= set(BENCHMARKS)
+            "bench_throughput_meter.py", "bench_finetune_loader.py", "bench_finetune_throughput.py"} <= set(BENCHMARKS)
 
 
 @pytest.mark.slow
