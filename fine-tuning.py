@@ -75,9 +75,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     env = start(args)
-    STOP.install([args.model_dir])  # before DataLoader workers start: they leave stop signals to their rank
-    trial_logger.setLevel(logging.INFO)
     detection = is_detection_dataset(args.dset)
+    # Before DataLoader workers start: they leave stop signals to their rank. Classification trials ask for
+    # the flag at every step, so a signal during the set-up already waits for the first trial's first step
+    # (armed); detection sweeps do not ask, so there a signal keeps its default effect.
+    STOP.install([args.model_dir], armed=not detection)
+    trial_logger.setLevel(logging.INFO)
     run_dir = run_directory(args, run_name(args))
     dtype = amp_dtype(args.amp, env.device)
     run_lock = open_run_dir(args, env, run_dir, output_prefixes=(trial_weights_prefix(args),))

@@ -166,6 +166,7 @@ def run_trial(
         ckpt.save_atomic(final_model.backbone.state_dict(), Path(args.model_dir) / f"{prefix}_bb.pth")
         ckpt.save_atomic(final_model.head.state_dict(), Path(args.model_dir) / f"{prefix}_head.pth")
 
+    STOP.watch_folders(trial_dir)  # a second signal during the trial checkpoint's save removes its temporary file
     try:
         result = fine_tune(
             model, train_loader, val_loader, test_loader, lr=trial.lr, wd=trial.wd, momentum=args.optimizer_momentum,
