@@ -258,8 +258,10 @@ def precision_axis(args: argparse.Namespace, model: SimCLR, views, rhs_list, del
                   for delta in deltas for i, rhs in enumerate(rhs_list)}
     figures: dict = {}
     for precision in [p.strip() for p in args.precisions.split(",") if p.strip()]:
-        with frozen_batch_norm_statistics(model):
-            hessian = HessianVectorOperator(lambda: model(*views, gather_across_ranks=False), params, precision)
+        # fp64 runs on the float64 copy (as BisslTrainer.hessian_operator does); the others on the model
+        on_model, on_views, on_params = (model64, views64, params64) if precision == "fp64" else (model, views, params)
+        with frozen_batch_norm_statistics(on_model):
+            hessian = HessianVectorOperator(lambda m=on_model, v=on_views: m(*v, gather_across_ranks=False), on_params, precision)
         hvp_seconds = []
         for _ in range(args.match_k):
             _synchronize(device)
@@ -271,7 +273,7 @@ def precision_axis(args: argparse.Namespace, model: SimCLR, views, rhs_list, del
         for delta in deltas:
             errors, residuals = [], []
             for i, rhs in enumerate(rhs_list):
-                x, _ = implicit_gradient(params, rhs, hessian=hessian, precision=precision, **solves[delta])
+                x, _ = implicit_gradient(on_params, rhs, hessian=hessian, precision=precision, **solves[delta])
                 x64 = references[delta, i]
                 ax = [x_i + h_i / (args.lam + delta) for x_i, h_i in zip(_as64(x), hessian64(_as64(x)))]
                 errors.append(float((_flat64(x) - _flat64(x64)).norm() / _flat64(x64).norm()))
