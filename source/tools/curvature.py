@@ -60,6 +60,7 @@ NOT_PROBE_FLAGS = (
     "d_linear_warmup_update_bn", "d_max_train_samples", "max_eval_samples", "multilabel_loss", "val_fraction",
     "compile",  # the probe's HVPs differentiate the model twice, which torch.compile does not support
     "hvp_precision",  # the probe measures H's spectrum in float32 (its Ritz values are what A's definiteness needs)
+    "lower_knn_every", "align_bank_size", "align_query_size", "eval_bn_recalibrate_batches",  # training-time measurements
 )
 
 
