@@ -115,6 +115,14 @@ def general_args(data_dir: Path, model_dir: Path, device: str) -> list:
     return ["--data-dir", data_dir, "--model-dir", model_dir, "--device", device, "--num-workers", 0, "--seed", 0]
 
 
+def study_general_args(scale: str, data_dir: Path, model_dir: Path, device: str) -> list:
+    """The flags every stage of a study (experiments/) gets: the demo's at ``scale`` 'demo', else
+    the paths, device and base seed 0 with the scripts' own loader workers (paper scale)."""
+    if scale == "demo":
+        return general_args(data_dir, model_dir, device)
+    return ["--data-dir", data_dir, "--model-dir", model_dir, "--device", device, "--seed", 0]
+
+
 def pretrain_args() -> list:
     return ["--pretext-type", "simclr", "--dset", "fashionmnist", "--arch", ARCH, "--img-size", IMG_SIZE,
             "--epochs", PRETRAIN["epochs"], "--batch-size", PRETRAIN["batch_size"], "--max-train-samples", PRETRAIN["samples"],

@@ -184,9 +184,7 @@ class Study:
         return self.out_dir / "runs" / run.point.name / f"{run.kind}-seed{run.seed}"
 
     def general(self, model_dir: Path) -> list:
-        if self.args.scale == "demo":
-            return demo.general_args(self.data_dir, model_dir, self.args.device)
-        return ["--data-dir", self.data_dir, "--model-dir", model_dir, "--device", self.args.device, "--seed", 0]
+        return demo.study_general_args(self.args.scale, self.data_dir, model_dir, self.args.device)
 
     def pretrain_command(self) -> list[str]:
         return demo.torchrun(self.args.nproc, "ssl_pre-training.py", *self.general(self.model_dir), *demo.pretrain_args(),
