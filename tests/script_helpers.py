@@ -103,3 +103,12 @@ def write_random_pretext_weights(models: Path) -> None:
         save_atomic(backbone.state_dict(), models / f"pretext_{kind}_arch-resnet18_bb.pth")
         save_atomic(projector.state_dict(), models / f"pretext_{kind}_arch-resnet18_proj.pth")
     save_atomic(Projector(16, "32-16").state_dict(), models / "pretext_byol_arch-resnet18_pred.pth")
+
+
+def model_dirs_with_pretext_weights(models: Path, *folders: Path) -> None:
+    """Create each of ``folders`` holding a copy of the SimCLR pretext weights in ``models`` (one
+    run's --model-dir each, so runs compared with each other start from the same files)."""
+    for folder in folders:
+        folder.mkdir()
+        for weights in models.glob("pretext_simclr_*"):
+            (folder / weights.name).write_bytes(weights.read_bytes())

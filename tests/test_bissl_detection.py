@@ -289,14 +289,11 @@ def test_detection_resume_after_kill_matches_uninterrupted_and_refuses_changed_f
     import subprocess
     import time
 
-    from tests.script_helpers import ROOT, command, run_script, script_env
+    from tests.script_helpers import ROOT, command, model_dirs_with_pretext_weights, run_script, script_env
 
     data_dir, models = script_setup
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
-    for folder in (straight_dir, resumed_dir):
-        folder.mkdir()
-        for weights in models.glob("pretext_simclr_*"):
-            (folder / weights.name).write_bytes(weights.read_bytes())
+    model_dirs_with_pretext_weights(models, straight_dir, resumed_dir)
     run_script("bissl.py", *detection_bissl_args(data_dir, straight_dir, 3), timeout=900)
     args = detection_bissl_args(data_dir, resumed_dir, 3)
     checkpoint = resumed_dir / "runs" / f"BiSSL_{TAG}" / "checkpoint.pth"

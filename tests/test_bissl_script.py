@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from tests.script_helpers import ROOT, command, make_image_folder, run_script, script_env, write_random_pretext_weights
+from tests.script_helpers import ROOT, command, make_image_folder, model_dirs_with_pretext_weights, run_script, script_env, write_random_pretext_weights
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +59,7 @@ def test_two_rank_run_writes_the_bissl_backbone(setup, tmp_path, kind):
 def test_resume_after_kill_matches_uninterrupted(setup, tmp_path):
     images, models = setup
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
-    for folder in (straight_dir, resumed_dir):
-        folder.mkdir()
-        for weights in models.glob("pretext_simclr_*"):
-            (folder / weights.name).write_bytes(weights.read_bytes())
+    model_dirs_with_pretext_weights(models, straight_dir, resumed_dir)
     run_script("bissl.py", *bissl_args(images, straight_dir, epochs=3))
     args = bissl_args(images, resumed_dir, epochs=3)
     checkpoint = resumed_dir / "runs" / "BiSSL_simclr_arch-resnet18_dset-imagefolder" / "checkpoint.pth"
