@@ -141,12 +141,13 @@ def bissl_args() -> list:
             "--d-max-train-samples", LABELS_PER_CLASS * NUM_CLASSES, "--max-eval-samples", EVAL_SAMPLES]
 
 
-def finetune_args(origin: str, weights: str, seeds: int, run_dir: Path) -> list:
+def finetune_args(origin: str, weights: str, seeds: int, run_dir: Path, epochs: int = FINETUNE["epochs"],
+                  eval_samples: int = EVAL_SAMPLES) -> list:
     """Seeds 0 .. seeds-1 (base --seed 0), so runs of different backbones pair seed by seed."""
     return ["--dset", "fashionmnist", "--pretrained-backbone-filename", weights, "--backbone-origin", origin,
             "--pretrain-arch", ARCH, "--pretrain-img-size", IMG_SIZE, "--use-hpo", 0, "--num-runs", seeds,
-            "--epochs", FINETUNE["epochs"], "--batch-size", FINETUNE["batch_size"], "--lr", FINETUNE["lr"], "--wd", FINETUNE["wd"],
-            "--max-train-samples", LABELS_PER_CLASS * NUM_CLASSES, "--max-eval-samples", EVAL_SAMPLES, "--run-dir", run_dir]
+            "--epochs", epochs, "--batch-size", FINETUNE["batch_size"], "--lr", FINETUNE["lr"], "--wd", FINETUNE["wd"],
+            "--max-train-samples", LABELS_PER_CLASS * NUM_CLASSES, "--max-eval-samples", eval_samples, "--run-dir", run_dir]
 
 
 def main(args: argparse.Namespace) -> None:
