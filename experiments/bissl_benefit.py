@@ -96,8 +96,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget-epochs", type=int, default=-1,
                         help="the extra epochs B of 'pretrained+budget' (default: -1 = from the BiSSL run's upper steps, "
                              "upper batch and labels)")
-    parser.add_argument("--eval-samples", type=int, default=2000,
-                        help="val and test images each trial scores (fine-tuning.py --max-eval-samples; 0 = all) (default: 2000)")
+    parser.add_argument("--eval-samples", type=int, default=demo.EVAL_SAMPLES,
+                        help="val and test images each trial scores, the same for every backbone (fine-tuning.py "
+                             f"--max-eval-samples; 0 = all; val is scored every epoch) (default: {demo.EVAL_SAMPLES}, the demo's)")
     parser.add_argument("--finetune-args", default="", help="extra flags for every fine-tuning run, e.g. \"--lr 0.05\"")
     parser.add_argument("--nproc", type=int, default=2, help="torchrun processes per stage (default: 2)")
     parser.add_argument("--device", default="cpu", help="cpu|cuda|auto (default: cpu)")
