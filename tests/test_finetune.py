@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -25,6 +26,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from source.maths.models import build_backbone
 from source.run.checkpoint import WeightsError, save_atomic
+from source.stages import finetune
+from source.stages.engine import Throughput
 from source.stages.evaluation import evaluate
 from source.stages.finetune import STATUS_FAILED, STATUS_OK, cosine_to_zero_scheduler, fine_tune
 from source.stages.finetune_run import report
@@ -342,3 +345,27 @@ def test_report_lists_failed_trials_apart_from_the_table(tmp_path):
     assert "failed: trial 1 (lr 0.9, wd 0.0001): non-finite training loss (nan)" in text
     assert (tmp_path / "summary.txt").read_text() == text + "\n"
     assert (tmp_path / "hpo_grid.png").is_file()
+
+
+def test_each_epoch_reports_its_training_throughput_over_the_images_it_trained():
+    """train/images_per_s counts the images of the training loop (whole batches of a drop_last loader,
+    not the dataset's size) over the loop's time without the val pass; the history leaves it out."""
+    generator = torch.Generator().manual_seed(0)
+    points = torch.randn(70, 2, generator=generator)
+    train = DataLoader(TensorDataset(points, (points[:, 0] > 0).long()), batch_size=8, drop_last=True)
+    counted = []
+
+    class Counting(Throughput):
+        def add(self, images: int, wait_s: float) -> None:
+            super().add(images, wait_s)
+            counted.append(images)
+
+    model, epochs = nn.Linear(2, 2), []
+    with patch.object(finetune, "Throughput", Counting):
+        result = fine_tune(model, train, train, train, lr=0.05, wd=0.0, momentum=0.9, epochs=2, device=torch.device("cpu"),
+                           amp_dtype=None, multilabel=False, on_epoch=epochs.append)
+    assert counted == [8] * 16  # 8 whole batches per epoch: 64 of the 70 points
+    assert all(metrics["train/images_per_s"] > 0 and 0 <= metrics["train/data_wait_frac"] <= 1 for metrics in epochs)
+    assert all("train/images_per_s" not in metrics for metrics in result.history)
+    rates = ("train/images_per_s", "train/data_wait_frac")
+    assert [{key: value for key, value in metrics.items() if key not in rates} for metrics in epochs] == result.history

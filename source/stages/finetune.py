@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from source.maths.losses import downstream_criterion
 from source.maths.optim import warmup_cosine_scheduler
 from source.run.checkpoint import CheckpointError, load_checkpoint, save_atomic, unhealthy_tensors
 from source.run.errors import ConfigError
-from source.stages.engine import make_grad_scaler
+from source.stages.engine import Throughput, make_grad_scaler
 from source.stages.evaluation import evaluate
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,26 @@ def _batch_size(loader: DataLoader | PrefetchedLoader) -> int:
     return (loader.loader if isinstance(loader, PrefetchedLoader) else loader).batch_size
 
 
+@dataclass
+class TrialTraining:
+    """What one trial's training step needs besides the model: the loss, the optimizer, its
+    per-iteration schedule and the (fp16-only) gradient scaler."""
+
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    scaler: torch.amp.GradScaler
+
+
+def trial_training(model: nn.Module, *, lr: float, wd: float, momentum: float, total_steps: int, device: torch.device,
+                   amp_dtype: torch.dtype | None, multilabel: bool, multilabel_loss: str = "bce") -> TrialTraining:
+    """The trial's :class:`TrialTraining` (see :func:`fine_tune`); ``bench/bench_finetune_throughput.py``
+    times its bare step with the same objects."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+    return TrialTraining(downstream_criterion(multilabel, multilabel_loss), optimizer,
+                         cosine_to_zero_scheduler(optimizer, total_steps), make_grad_scaler(device, amp_dtype))
+
+
 def _copy_state(model: nn.Module) -> dict[str, Tensor]:
     # clone(): state_dict() returns views of the live parameters, which later steps overwrite.
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
@@ -138,6 +159,7 @@ def train_one_epoch(
     layout: torch.memory_format = torch.contiguous_format,
     stop: Callable[[], bool] | None = None,
     done: tuple[int, float] = (0, 0.0),
+    throughput: Throughput | None = None,
 ) -> float:
     """One pass over ``loader`` (images (B, 3, H, W) moved to ``device`` in memory format ``layout``,
     targets (B,) or (B, C)); returns the mean loss.
@@ -145,11 +167,14 @@ def train_one_epoch(
     The scheduler steps after every optimizer step. Raises :class:`TrialDiverged` on the first
     non-finite loss, before that loss is back-propagated, and :class:`TrialStopped` after the
     first step after which ``stop()`` is True. ``done``: (steps, loss sum) of the epoch before a
-    resume, whose loader starts after those steps.
+    resume, whose loader starts after those steps. ``throughput``, if given, counts every step's
+    images and the time spent waiting for its batch.
     """
     model.train()
     steps, total = done
+    ready = time.perf_counter()
     for images, targets in loader:
+        fetched = time.perf_counter()
         images = images.to(device, non_blocking=True, memory_format=layout)
         targets = targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -167,10 +192,13 @@ def train_one_epoch(
         scheduler.step()
         total += loss_value
         steps += 1
+        if throughput is not None:
+            throughput.add(images.shape[0], fetched - ready)
         progress.update(1)
         progress.set_postfix(epoch=epoch, loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", refresh=False)
         if stop is not None and stop():
             raise TrialStopped(epoch, steps, total)
+        ready = time.perf_counter()
     if steps == 0:
         raise ConfigError("the training loader produced no batch: the train split is smaller than one batch")
     return total / steps
@@ -209,7 +237,9 @@ def fine_tune(
     model are scored on ``test_loader``.
 
     ``on_epoch(metrics)`` receives each epoch's ``{"epoch", "train/loss", "train/lr",
-    "val/<metric>", ...}``; ``on_final_model(model)`` is called with the final model of a trial
+    "val/<metric>", ...}`` and its training throughput (``train/images_per_s``, ``train/data_wait_frac``:
+    the training loop alone, without the val pass), which ``history`` leaves out (a resumed trial's
+    history equals the uninterrupted one's); ``on_final_model(model)`` is called with the final model of a trial
     that did not diverge (to save it) before the best-epoch weights are loaded into ``model``,
     which is therefore left holding the best-epoch weights.
 
@@ -224,10 +254,9 @@ def fine_tune(
     if epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {epochs}")
     score = score_name(multilabel)
-    criterion = downstream_criterion(multilabel, multilabel_loss)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
-    scheduler = cosine_to_zero_scheduler(optimizer, epochs * len(train_loader))
-    scaler = make_grad_scaler(device, amp_dtype)
+    training = trial_training(model, lr=lr, wd=wd, momentum=momentum, total_steps=epochs * len(train_loader), device=device,
+                              amp_dtype=amp_dtype, multilabel=multilabel, multilabel_loss=multilabel_loss)
+    criterion, optimizer, scheduler, scaler = training.criterion, training.optimizer, training.scheduler, training.scaler
     result = TrialResult(status=STATUS_OK)
     val_scores: dict[str, float] = {}
     progress = tqdm(total=epochs * len(train_loader), desc=description, disable=not show_progress,
@@ -253,9 +282,10 @@ def fine_tune(
         for epoch in range(first_epoch, epochs + 1):
             if lr_at_start is None:
                 lr_at_start = optimizer.param_groups[0]["lr"]
+            throughput = Throughput()
             try:
                 train_loss = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, criterion,
-                                             device, amp_dtype, epoch, progress, layout, stop, done)
+                                             device, amp_dtype, epoch, progress, layout, stop, done, throughput)
             except TrialStopped as stopped:
                 if checkpoint_path is not None:
                     save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -266,6 +296,7 @@ def fine_tune(
                                  "identity": identity}, checkpoint_path)
                     stopped.checkpointed = True
                 raise
+            train_rates = throughput.overall("train/")  # before the val pass
             done, lr_at_start_of_epoch, lr_at_start = (0, 0.0), lr_at_start, None
             val_scores = evaluate(model, val_loader, device, multilabel, amp_dtype, distributed=False, layout=layout)
             if not math.isfinite(val_scores["loss"]):
@@ -280,7 +311,7 @@ def fine_tune(
                 result.best_val, result.best_epoch = val_scores[score], epoch
                 result.best_state = _copy_state(model)
             if on_epoch is not None:
-                on_epoch(metrics)
+                on_epoch({**metrics, **train_rates})
             progress.set_postfix(epoch=epoch, val=f"{val_scores[score]:.2f}", best=f"{result.best_val:.2f}")
     except TrialDiverged as error:
         result.status, result.error = STATUS_FAILED, f"{error} (lr {lr:g}, wd {wd:g})"

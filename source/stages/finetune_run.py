@@ -135,6 +135,19 @@ def eval_loader(dataset: Dataset, args: argparse.Namespace, device: torch.device
                       prefetch_factor=args.prefetch_factor if args.num_workers > 0 else None)
 
 
+def trial_model(args: argparse.Namespace, device: torch.device, pretrained: dict[str, Tensor],
+                num_classes: int) -> tuple[Classifier, torch.memory_format]:
+    """A trial's classifier (the pretrained backbone + a fresh linear head from the global RNG) on
+    ``device`` in the memory format of ``--channels-last``, compiled with ``--compile 1``; and that
+    format, which the input batches take too."""
+    backbone, feat_dim = build_backbone(args.pretrain_arch, cifar_stem=bool(args.pretrain_cifar_stem))
+    backbone.load_state_dict(pretrained)
+    layout = memory_format(args.channels_last, device)
+    model = Classifier(backbone, feat_dim, num_classes).to(device, memory_format=layout)
+    compile_modules(bool(args.compile), device, model)
+    return model, layout
+
+
 def run_trial(
     args: argparse.Namespace, env: DistEnv, trial: Trial, pretrained: dict[str, Tensor], train_set: Dataset,
     val_loader: DataLoader, test_loader: DataLoader, splits: DownstreamSplits, dtype: torch.dtype | None, run_dir: Path,
@@ -144,11 +157,7 @@ def run_trial(
     # Everything random in the trial (head init, shuffling, augmentation) follows the trial seed
     # alone, so a trial gives the same result whichever rank runs it.
     seed_everything(trial.seed)
-    backbone, feat_dim = build_backbone(args.pretrain_arch, cifar_stem=bool(args.pretrain_cifar_stem))
-    backbone.load_state_dict(pretrained)
-    layout = memory_format(args.channels_last, env.device)  # of the backbone's weights and the input batches
-    model = Classifier(backbone, feat_dim, splits.num_classes).to(env.device, memory_format=layout)
-    compile_modules(bool(args.compile), env.device, model)
+    model, layout = trial_model(args, env.device, pretrained, splits.num_classes)
     train_loader = trial_train_loader(args, env, train_set, trial.seed)
 
     # A rerun of a trial that was killed starts over: its old per-epoch log and wandb run go. One that
