@@ -100,6 +100,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="val and test images each trial scores, the same for every backbone (fine-tuning.py "
                              f"--max-eval-samples; 0 = all; val is scored every epoch) (default: {demo.EVAL_SAMPLES}, the demo's)")
     parser.add_argument("--finetune-args", default="", help="extra flags for every fine-tuning run, e.g. \"--lr 0.05\"")
+    parser.add_argument("--arms", default=",".join(arm.name for arm in ARMS),
+                        help="the backbones this invocation fine-tunes (e.g. to split the study over machines sharing "
+                             "--out-dir); the table is made once all four are done (default: all)")
     parser.add_argument("--nproc", type=int, default=2, help="torchrun processes per stage (default: 2)")
     parser.add_argument("--device", default="cpu", help="cpu|cuda|auto (default: cpu)")
     parser.add_argument("--dose-args", default="",
@@ -115,6 +118,13 @@ def parse_epochs(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise ConfigError(f"--epochs needs at least one value >= 1, got {text!r}")
     return sorted(set(values))
+
+
+def selected_arms(text: str) -> list[Arm]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if unknown := sorted(set(names) - {arm.name for arm in ARMS}):
+        raise ConfigError(f"--arms: unknown arm {unknown[0]!r}; valid: {', '.join(arm.name for arm in ARMS)}")
+    return [arm for arm in ARMS if arm.name in names]
 
 
 def budget_epochs(bissl_config: dict) -> int:
@@ -286,10 +296,15 @@ def main(args: argparse.Namespace) -> None:
     ensure_bissl_runs(benefit, runner)
     budget = args.budget_epochs if args.budget_epochs >= 0 else budget_epochs(benefit.bissl_config())
     for length in benefit.epochs:
-        for arm in ARMS:
+        for arm in selected_arms(args.arms):
             run_dir = benefit.run_dir(length, arm)
             runner.run(f"fine-tune {benefit.point.name}/bissl-seed{args.bissl_seed}/e{length}/{arm.name}",
                        benefit.finetune_command(length, arm, budget), run_dir / "summary.txt")
+    missing = [f"e{length}/{arm.name}" for length in benefit.epochs for arm in ARMS
+               if not (benefit.run_dir(length, arm) / "summary.txt").is_file()]
+    if missing:
+        print(f"[benefit] no table yet: not fine-tuned: {', '.join(missing)} (run them with --arms)")
+        return
     print("\n" + report(benefit, runner, budget, started))
     print(f"[benefit] table: {benefit.folder / 'benefit.md'} (csv: benefit.csv); figure: {benefit.folder / 'benefit.png'}")
 

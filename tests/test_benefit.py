@@ -87,3 +87,9 @@ def test_report_pairs_bissl_with_every_other_backbone_by_seed(benefit, tmp_path)
     assert "| 30 | pre-trained | 30 | 71.00 ± 1.00 |" in text
     assert (study.folder / "benefit.csv").read_text().splitlines()[1] == "30,pretrained,30,0,70.0000,69.0000"
     assert (study.folder / "benefit.png").stat().st_size > 0
+
+
+def test_arms_select_what_one_invocation_fine_tunes(benefit):
+    assert [arm.name for arm in benefit.selected_arms("bissl, control")] == ["control", "bissl"]  # in the table's order
+    with pytest.raises(ConfigError, match="unknown arm 'budget'"):
+        benefit.selected_arms("pretrained,budget")
