@@ -61,6 +61,7 @@ from source.maths.bilevel import (
     HessianVectorOperator,
     frozen_batch_norm_statistics,
     hessian_vector_product,
+    hvp_precision,
     implicit_gradient,
     solve,
 )
@@ -121,14 +122,16 @@ def _norm(vectors) -> float:
 
 
 class RecomputedHessian:
-    """The original code's HVPs: every product re-runs the forward pass and the first backward."""
+    """The original code's HVPs: every product re-runs the forward pass and the first backward.
+    ``params`` and ``precision`` as :class:`HessianVectorOperator`'s, which ``implicit_gradient``
+    checks a prebuilt operator by."""
 
-    def __init__(self, loss, params, model: nn.Module) -> None:
-        self.loss, self.params, self.model = loss, tuple(params), model
+    def __init__(self, loss, params, model: nn.Module, precision: str = "fp32") -> None:
+        self.loss, self.params, self.model, self.precision = loss, tuple(params), model, hvp_precision(precision)
 
     def __call__(self, vectors):
         with frozen_batch_norm_statistics(self.model):
-            return hessian_vector_product(self.loss, self.params, vectors)
+            return hessian_vector_product(self.loss, self.params, vectors, precision=self.precision.name)
 
 
 def build_model(args: argparse.Namespace, pretext_stream: BatchStream, device: torch.device) -> tuple[SimCLR, str]:
@@ -228,7 +231,8 @@ def time_upper_steps(base: BisslTrainer, scheme: str, solver: str, cg_iters: int
         view1, view2 = (v.to(device) for v in hessian_views)
         model = trainer.lower_model
         trainer.hessian_operator = lambda views: RecomputedHessian(
-            lambda: model(view1, view2, gather_across_ranks=False), trainer.lower_backbone_params, model)
+            lambda: model(view1, view2, gather_across_ranks=False), trainer.lower_backbone_params, model,
+            trainer.settings.hvp_precision)
     _synchronize(device)
     peak_memory_metrics(device)  # resets the peak: what follows is measured alone
     start = time.perf_counter()
