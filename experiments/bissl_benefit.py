@@ -255,18 +255,19 @@ def plot(scores: dict[tuple[int, str, str], dict[int, float]], epochs: list[int]
     return save_figure_atomic(figure, path)
 
 
-def report(benefit: Benefit, runner, budget: int, started: float) -> str:
+def report(benefit: Benefit, budget: int, started: float) -> str:
     from source.run.checkpoint import write_text_atomic
 
-    scores = {}
+    scores, trial_seconds = {}, {}
     for length in benefit.epochs:
         for arm in ARMS:
             run = load_run(benefit.run_dir(length, arm))
             for _, key in MODELS:
                 scores[length, arm.name, key] = run.scores(key)
+            seconds = [row["time_s"] for row in run.rows if row.get("time_s") is not None]
+            trial_seconds[f"e{length}/{arm.name}"] = sum(seconds) / len(seconds) if seconds else None
     config = benefit.bissl_config()
     rows = summary(scores, benefit.epochs, budget)
-    times = {name: seconds for name, seconds in runner.stages.timings.items() if name.startswith("fine-tune")}
     text = "\n".join([
         f"BiSSL benefit at equal downstream budget: point {benefit.point.name}, BiSSL seed {benefit.args.bissl_seed} "
         f"({config['epochs']} alternations of {config['lower_num_iter']} lower + {config['upper_num_iter']} upper steps, "
@@ -276,8 +277,8 @@ def report(benefit: Benefit, runner, budget: int, started: float) -> str:
         f"'pre-trained + BiSSL's downstream steps' fine-tunes {budget} epochs longer; test on "
         f"{benefit.args.eval_samples or 'all'} images; gains are BiSSL − backbone, paired by seed, 95 % CI and paired-t p.",
         "", markdown(rows), "",
-        "fine-tuning wall times (min): " + ", ".join(f"{name} {minutes(s)} ({runner.loads.describe(name)} load)"
-                                                      for name, s in times.items()),
+        "mean wall time per fine-tuning trial (min; each rank runs its own trials, machine load not controlled): "
+        + ", ".join(f"{name} {minutes(seconds)}" for name, seconds in trial_seconds.items()),
         f"this invocation {(time.perf_counter() - started) / 60:.1f} min.",
     ])
     write_text_atomic(text + "\n", benefit.folder / "benefit.md")
@@ -305,7 +306,7 @@ def main(args: argparse.Namespace) -> None:
     if missing:
         print(f"[benefit] no table yet: not fine-tuned: {', '.join(missing)} (run them with --arms)")
         return
-    print("\n" + report(benefit, runner, budget, started))
+    print("\n" + report(benefit, budget, started))
     print(f"[benefit] table: {benefit.folder / 'benefit.md'} (csv: benefit.csv); figure: {benefit.folder / 'benefit.png'}")
 
 

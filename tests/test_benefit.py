@@ -59,7 +59,8 @@ def test_each_arm_fine_tunes_its_backbone_and_only_the_budget_arm_longer(benefit
 def _fake_run(path, scores):
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps({"use_hpo": 0}))
-    rows = [{"trial": seed, "seed": seed, "status": "ok", "test_final": final, "test_best": final - 1.0, "best_val": 0.0}
+    rows = [{"trial": seed, "seed": seed, "status": "ok", "test_final": final, "test_best": final - 1.0, "best_val": 0.0,
+             "time_s": 60.0 * (seed + 1)}
             for seed, final in enumerate(scores)]
     (path / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
@@ -74,8 +75,7 @@ def test_report_pairs_bissl_with_every_other_backbone_by_seed(benefit, tmp_path)
     bissl_models.mkdir(parents=True)
     (bissl_models / study.study.bissl_config).write_text(json.dumps(
         {"epochs": 12, "lower_num_iter": 4, "upper_num_iter": 4, "d_batch_size": 64, "d_max_train_samples": 200}))
-    runner = benefit.dose.StageRunner(tmp_path)
-    text = benefit.report(study, runner, budget=16, started=0.0)
+    text = benefit.report(study, budget=16, started=0.0)
     rows = {row["backbone"]: row for row in benefit.summary(
         {(30, arm.name, key): dict(enumerate(v if key == "test_final" else [x - 1.0 for x in v]))
          for arm in benefit.ARMS for v in [values[arm.name]] for key in ("test_final", "test_best")}, [30], 16)}
@@ -87,6 +87,7 @@ def test_report_pairs_bissl_with_every_other_backbone_by_seed(benefit, tmp_path)
     assert "| 30 | pre-trained | 30 | 71.00 ± 1.00 |" in text
     assert (study.folder / "benefit.csv").read_text().splitlines()[1] == "30,pretrained,30,0,70.0000,69.0000"
     assert (study.folder / "benefit.png").stat().st_size > 0
+    assert "e30/bissl 2.0" in text  # mean trial time: 1, 2 and 3 minutes
 
 
 def test_arms_select_what_one_invocation_fine_tunes(benefit):
