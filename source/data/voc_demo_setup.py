@@ -9,12 +9,13 @@ quarter ``val``, half ``test``, like VOC2007's 50/50 trainval/test) and ``.../VO
 (VOC2007 also ``test.txt``), so :mod:`source.data.detection` reads it exactly as it reads the real
 VOC07+12. It exists so the detection pipeline can be tested and demonstrated on a CPU.
 
-Each image is a canvas of 96-160 px per side (a smooth two-colour gradient with pixel noise)
-with 1-4 FashionMNIST items (28x28, scaled to 16-64 px, tinted with a random colour, pasted with
-their grey level as opacity). An item's box is the tight extent of its pixels brighter than
+Each image is a 128 x 128 px canvas (a smooth dark two-colour gradient with pixel noise) with 1-2
+FashionMNIST items (28x28, scaled to 48-80 px, tinted with a random bright colour, pasted with
+their grey level as opacity): every item is brighter than the canvas, as FashionMNIST's items are
+on its black background, and spans several cells of the detector's stride-16 feature map. An item's box is the tight extent of its pixels brighter than
 ``ITEM_PIXEL_THRESHOLD``, written as VOC writes boxes (inclusive 1-based pixel indices); its
-class is its FashionMNIST label. Items may overlap (a placement overlapping an earlier box by IoU
-> ``MAX_PLACEMENT_IOU`` is redrawn a few times); an item whose box is shorter than
+class is its FashionMNIST label. Items may overlap a little (a placement overlapping an earlier
+box by IoU > ``MAX_PLACEMENT_IOU`` is redrawn a few times); an item whose box is shorter than
 ``DIFFICULT_MAX_SIDE`` px or that later items cover for more than ``DIFFICULT_OCCLUSION`` of its
 pixels is marked ``difficult``, as VOC marks objects hard to recognise. The 2007 test images use
 FashionMNIST's test items, the other splits its training items.
@@ -44,12 +45,13 @@ from source.run.errors import UserError, add_debug_argument, run_entry_point
 
 logger = logging.getLogger(__name__)
 
-# Canvas side lengths (px), drawn uniformly per side.
-CANVAS_MIN, CANVAS_MAX = 96, 160
-# Items per image.
-ITEMS_MIN, ITEMS_MAX = 1, 4
-# Side of a pasted item (px; FashionMNIST items are 28x28).
-ITEM_MIN, ITEM_MAX = 16, 64
+# Canvas side lengths (px), drawn uniformly per side. One size the demo's detector takes as it is
+# (--det-min-size = --det-max-size = 128: no resize), small enough for CPU training.
+CANVAS_MIN, CANVAS_MAX = 128, 128
+# Items per image: few, so that a detector trained for minutes on a CPU learns them.
+ITEMS_MIN, ITEMS_MAX = 1, 2
+# Side of a pasted item (px; FashionMNIST items are 28x28): 3-5 cells of the stride-16 feature map.
+ITEM_MIN, ITEM_MAX = 48, 80
 # Grey level (0..255) above which a pixel of the scaled item belongs to its box.
 ITEM_PIXEL_THRESHOLD = 32
 # A box whose longer side is shorter than this (px) is "difficult" (tiny).
@@ -57,8 +59,13 @@ DIFFICULT_MAX_SIDE = 20
 # An item more than this share of whose pixels later items cover is "difficult" (occluded).
 DIFFICULT_OCCLUSION = 0.5
 # A new item's box may overlap an earlier one up to this IoU; beyond it the placement is redrawn.
-MAX_PLACEMENT_IOU = 0.5
+MAX_PLACEMENT_IOU = 0.1
 PLACEMENT_TRIES = 10
+# Grey-level ranges (0..255) of the background's two gradient colours and of an item's tint: the
+# canvas stays darker than every item, so an item reads as in FashionMNIST (bright on black), the
+# images the backbones are pre-trained on.
+BACKGROUND_LEVELS = (0.0, 96.0)
+TINT_LEVELS = (128.0, 255.0)
 # Standard deviation of the background's pixel noise (grey levels).
 BACKGROUND_NOISE = 12.0
 JPEG_QUALITY = 90
@@ -84,7 +91,7 @@ def load_fashion_mnist(data_dir: Path, train: bool) -> tuple[np.ndarray, np.ndar
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """(H, W, 3) float: a linear gradient between two random colours along a random direction, plus noise."""
-    start, end = rng.uniform(0, 255, (2, 3))
+    start, end = rng.uniform(*BACKGROUND_LEVELS, (2, 3))
     angle = rng.uniform(0, 2 * np.pi)
     ys, xs = np.mgrid[0:height, 0:width]
     along = np.cos(angle) * xs / width + np.sin(angle) * ys / height
@@ -103,7 +110,7 @@ def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
 
 
 def compose_image(rng: np.random.Generator, items: np.ndarray, labels: np.ndarray) -> tuple[Image.Image, list[dict]]:
-    """One canvas with 1-4 items drawn from ``items`` (N, 28, 28) uint8 / ``labels`` (N,).
+    """One canvas with ``ITEMS_MIN``-``ITEMS_MAX`` items drawn from ``items`` (N, 28, 28) uint8 / ``labels`` (N,).
 
     Returns the RGB image and its objects: ``label`` (0-based FashionMNIST class), ``box``
     (x0, y0, x1, y1) continuous pixel coordinates (VOC's xmin = x0 + 1, xmax = x1) and ``difficult``.
@@ -123,7 +130,7 @@ def compose_image(rng: np.random.Generator, items: np.ndarray, labels: np.ndarra
             box = (left + int(cols.min()), top + int(rows.min()), left + int(cols.max()) + 1, top + int(rows.max()) + 1)
             if all(_iou(box, other["box"]) <= MAX_PLACEMENT_IOU for other in objects):
                 break
-        tint = rng.uniform(80, 255, 3)
+        tint = rng.uniform(*TINT_LEVELS, 3)
         opacity = grey[..., None] / 255.0  # (side, side, 1)
         region = canvas[top:top + side, left:left + side]
         canvas[top:top + side, left:left + side] = region * (1 - opacity) + tint * opacity
@@ -198,7 +205,7 @@ def build_fashion_mnist_detection(data_dir: str | Path, num_images: int, num_ima
     num_images_2012 = max(2, num_images // 2) if num_images_2012 is None else num_images_2012
     if num_images < 3 or num_images_2012 < 2:
         raise UserError(f"need --num-images >= 3 (VOC2007 train/val/test) and --num-images-2012 >= 2, got {num_images} and {num_images_2012}")
-    settings = {"num_images": num_images, "num_images_2012": num_images_2012, "seed": seed, "format": 1}
+    settings = {"num_images": num_images, "num_images_2012": num_images_2012, "seed": seed, "format": 2}
     target = data_dir / FASHION_MNIST_DETECTION_FOLDER
     if target.exists():
         recorded = target / SETTINGS_FILE
