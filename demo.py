@@ -179,11 +179,13 @@ def run_detection_demo(args: argparse.Namespace, out_dir: Path, stages: Stages, 
     """--task detection: the stages of source.tools.detection_demo, run as the classification ones."""
     from source.tools import detection_demo
 
-    data_dir = detection_demo.prepare_data(Path(args.data_dir).resolve(), out_dir)
+    with detection_demo.measured(out_dir, detection_demo.GENERATION, processes=1):
+        data_dir = detection_demo.prepare_data(Path(args.data_dir).resolve(), out_dir)
     general = general_args(data_dir, out_dir / "models", args.device)
     seeds = detection_demo.SEEDS if args.seeds is None else args.seeds
     for stage in detection_demo.stages(out_dir, out_dir / "models", seeds):
-        stages.run(stage.name, torchrun(args.nproc, stage.script, *general, *stage.args), stage.done)
+        with detection_demo.measured(out_dir, stage.name, processes=args.nproc):
+            stages.run(stage.name, torchrun(args.nproc, stage.script, *general, *stage.args), stage.done)
     print("\n" + detection_demo.report(out_dir, stages.timings, time.perf_counter() - start))
     print(f"[demo] table: {out_dir / 'demo_results.md'} (csv: demo_results.csv); figure: {out_dir / 'demo_results.png'}")
 

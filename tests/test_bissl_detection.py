@@ -5,6 +5,7 @@ frozen-backbone head warmup."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -331,11 +332,11 @@ def test_detection_demo_runs_end_to_end_at_tiny_sizes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(detection_demo, "PRETRAIN", dict(epochs=1, batch_size=32, samples=64, lr=0.5, warmup_epochs=0))
     monkeypatch.setattr(detection_demo, "DATA", dict(num_images_2007=24, num_images_2012=8, seed=1))
-    monkeypatch.setattr(detection_demo, "DETECTOR", dict(min_size=48, max_size=64, anchor_sizes="16,32", rois_per_image=16,
-                                                         test_proposals=20))
+    monkeypatch.setattr(detection_demo, "DETECTOR", dict(head="original", min_size=48, max_size=64, anchor_sizes="16,32",
+                                                         rois_per_image=16, test_proposals=20))
     monkeypatch.setattr(detection_demo, "BISSL", dict(alternations=1, lower_steps=1, upper_steps=1, lam=0.001, p_lr=0.2,
                                                       p_batch_size=16, d_batch_size=2, warmup_epochs=1, d_lr=0.015,
-                                                      d_wd=0.0, cg_iters=1, eval_samples=2))
+                                                      d_wd=0.0, cg_iters=1, train_samples=4, eval_samples=2))
     monkeypatch.setattr(detection_demo, "FINETUNE", dict(epochs=1, batch_size=2, lr=0.01, wd=1e-4, eval_samples=4))
     demo = load_script("demo.py")
     out_dir = tmp_path / "out"
@@ -343,6 +344,12 @@ def test_detection_demo_runs_end_to_end_at_tiny_sizes(tmp_path, monkeypatch):
                                                  "--nproc", "1", "--seeds", "2"]))
     table = (out_dir / "demo_results.md").read_text()
     assert "SimCLR + BiSSL" in table and "AP50" in table
+    # Every step's CPU time per process and load are recorded and reported beside its wall time.
+    costs = json.loads((out_dir / detection_demo.COSTS_FILE).read_text())
+    stage_names = [stage.name for stage in detection_demo.stages(out_dir, out_dir / "models", 2)]
+    assert set(costs) == {detection_demo.GENERATION, *stage_names}
+    assert all(cost["cpu_per_process_s"] > 0 and cost["load_1min_at_end"] >= 0 for cost in costs.values())
+    assert all(f"{name} " in table for name in stage_names) and table.count("min per process") == len(stage_names)
     assert (out_dir / "demo_results.png").is_file() and (out_dir / "data" / "fmnistdet" / "VOCdevkit").is_dir()
     for origin in ("pretext", "bissl"):
         rows = (out_dir / f"finetune_{origin}" / "results.jsonl").read_text().splitlines()
