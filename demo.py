@@ -52,7 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                         "(default: demo_out; demo_detection_out with --task detection)")
     parser.add_argument("--nproc", type=int, default=2, help="torchrun processes per stage (default: 2)")
     parser.add_argument("--seeds", type=int, default=None,
-                        help=f"fine-tuning seeds per backbone, the same for both (default: {SEEDS}; 3 with --task detection)")
+                        help=f"fine-tuning seeds per backbone, the same for both (default: {SEEDS}; 2 with --task detection)")
     parser.add_argument("--device", default="cpu", help="cpu|cuda|auto (default: cpu)")
     add_debug_argument(parser)  # also passed on to every stage (BISSL_DEBUG=1)
     return parser

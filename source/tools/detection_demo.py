@@ -43,7 +43,9 @@ BISSL = dict(alternations=4, lower_steps=2, upper_steps=2, lam=0.001, p_lr=0.2, 
              warmup_epochs=1, d_lr=0.015, d_wd=0.0, cg_iters=2, train_samples=160, eval_samples=24)
 # Val and test are capped at eval_samples images (the same ones for both backbones).
 FINETUNE = dict(epochs=3, batch_size=8, lr=0.05, wd=1e-4, eval_samples=48)
-SEEDS = 3
+# Fine-tuning trials per backbone: a trial took 129 s of CPU per process in the sizing run, so 2 seeds keep
+# the demo near 11 minutes on 2 idle cores (3 seeds: ~15 minutes; python demo.py --task detection --seeds 3).
+SEEDS = 2
 PRETEXT_BACKBONE = f"pretext_simclr_arch-{ARCH}_bb.pth"
 PRETEXT_PROJECTOR = f"pretext_simclr_arch-{ARCH}_proj.pth"
 BISSL_BACKBONE = f"BiSSL-backbone_simclr_arch-{ARCH}_dset-fmnistdet.pth"
