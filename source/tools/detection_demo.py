@@ -52,6 +52,8 @@ BISSL_BACKBONE = f"BiSSL-backbone_simclr_arch-{ARCH}_dset-fmnistdet.pth"
 # Each step's CPU time and the load it ran at, beside demo.py's timings.json (wall times).
 COSTS_FILE = "stage_costs.json"
 GENERATION = "0. generating the set"
+# Below this CPU time (s) a step did nothing (a finished stage skipped, the set already written): not recorded.
+MIN_RECORDED_CPU_S = 0.1
 
 
 @dataclass
@@ -130,7 +132,7 @@ def measured(out_dir: Path, name: str, processes: int) -> Iterator[None]:
     start = _cpu_seconds()
     yield
     spent = _cpu_seconds() - start
-    if spent < 1.0:
+    if spent < MIN_RECORDED_CPU_S:
         return
     path = out_dir / COSTS_FILE
     costs = json.loads(path.read_text()) if path.exists() else {}
