@@ -261,8 +261,6 @@ def test_two_rank_detection_run_stays_identical_and_writes_a_backbone_fine_tunin
     """Two gloo ranks: the run checks after every alternation that both ranks hold identical models
     (check_ranks_identical), so finishing is the check; its lower backbone loads into the detection
     fine-tuning's detector."""
-    import json
-
     from source.stages.detection_finetune import DetectorSettings, build_detector
     from tests.script_helpers import run_script
 
