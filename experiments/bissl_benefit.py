@@ -49,6 +49,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from source.run.cli import number_list
 from source.run.errors import ConfigError, run_entry_point
 from source.run.scripts import load_script
 from source.run.study import minutes
@@ -110,16 +111,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_epochs(text: str) -> list[int]:
-    try:
-        values = [int(value) for value in text.split(",") if value.strip()]
-    except ValueError:
-        raise ConfigError(f"--epochs must be whole numbers separated by commas, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ConfigError(f"--epochs needs at least one value >= 1, got {text!r}")
-    return sorted(set(values))
-
-
 def selected_arms(text: str) -> list[Arm]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if unknown := sorted(set(names) - {arm.name for arm in ARMS}):
@@ -146,7 +137,7 @@ class Benefit:
         if len(points) != 1:
             raise ConfigError(f"--point must name ONE grid point, got {len(points)}: {args.point!r}")
         self.point = points[0]
-        self.epochs = parse_epochs(args.epochs)
+        self.epochs = sorted(set(number_list(args.epochs, "--epochs", int, minimum=1)))
         dose_flags = ["--out-dir", args.out_dir, "--data-dir", args.data_dir, "--points", args.point,
                       "--seeds", str(args.bissl_seed + 1), "--nproc", str(args.nproc), "--device", args.device,
                       *(["--model-dir", args.model_dir] if args.model_dir else []), *shlex.split(args.dose_args)]

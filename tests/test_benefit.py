@@ -28,10 +28,10 @@ def test_budget_epochs_hold_the_upper_levels_samples(benefit):
 
 
 def test_epochs_and_point_are_checked(benefit, tmp_path):
-    assert benefit.parse_epochs("30, 8,30") == [8, 30]
+    assert _benefit(benefit, tmp_path, "--point", "sgd:0.05:1:12", "--epochs", "30, 8,30").epochs == [8, 30]
     for bad in ("", "0", "a"):
         with pytest.raises(ConfigError, match="--epochs"):
-            benefit.parse_epochs(bad)
+            _benefit(benefit, tmp_path, "--point", "sgd:0.05:1:12", "--epochs", bad)
     with pytest.raises(ConfigError, match="ONE grid point"):
         _benefit(benefit, tmp_path, "--point", "sgd:0.05:0.1/1:12")
 

@@ -4,6 +4,8 @@ import dataclasses
 import pytest
 
 import config_default as cfg
+from source.run.cli import number_list
+from source.run.errors import ConfigError
 from tests.script_helpers import ROOT, load_script
 
 SPEC_FLAGS = {
@@ -75,3 +77,11 @@ def test_readme_states_the_configured_defaults():
     flat = " ".join(readme.split())
     missing = [text for text in statements if " ".join(text.split()) not in flat]
     assert not missing, f"README does not state these defaults as configured: {missing}"
+
+
+def test_number_list_parses_comma_separated_flags_and_names_the_flag_when_refusing():
+    assert number_list("1e-5, 1e-4,,0", "--linear-wd") == [1e-5, 1e-4, 0.0]
+    assert number_list("30,8", "--epochs", int, minimum=1) == [30, 8]
+    for bad, kind, minimum in (("", float, 0), ("-1", float, 0), ("0", int, 1), ("1.5", int, 1), ("a,1", float, 0)):
+        with pytest.raises(ConfigError, match="--flag"):
+            number_list(bad, "--flag", kind, minimum)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from source.run.distributed import launched_world_size
-from source.run.errors import CommandLineParser, add_debug_argument
+from source.run.errors import CommandLineParser, ConfigError, add_debug_argument
 
 # Bounds of a number flag whose field declares none.
 DEFAULT_BOUNDS = {"at_least": 0}
@@ -167,3 +167,17 @@ def build_parser(description: str, configs: list[tuple[type, str]], exclude: Ite
         add_config_arguments(parser, config_cls, title, exclude)
     add_debug_argument(parser)
     return parser
+
+
+def number_list(text: str, flag: str, kind: type = float, minimum: float = 0) -> list:
+    """A comma-separated flag value such as ``--linear-wd 1e-5,1e-4`` as a list of ``kind`` (in the
+    order given; blanks between commas are skipped); a ConfigError naming ``flag`` unless it holds at
+    least one number and every number is >= ``minimum``."""
+    what = "whole numbers" if kind is int else "numbers"
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} must be {what} separated by commas, got {text!r}") from None
+    if not values or min(values) < minimum:
+        raise ConfigError(f"{flag} needs at least one value, all >= {minimum:g}, got {text!r}")
+    return values

@@ -53,6 +53,7 @@ from source.data.loader import SeededDataset, SeededSampler, sample_seed, worker
 from source.maths.detection_model import DEFAULT_ANCHOR_SIZES, DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, build_faster_rcnn_c4
 from source.maths.models import build_backbone
 from source.run import checkpoint as ckpt
+from source.run.cli import number_list
 from source.run.distributed import (
     all_reduce_mean_,
     barrier,
@@ -93,13 +94,7 @@ def is_detection_dataset(dset: str) -> bool:
 
 def parse_anchor_sizes(text: str) -> tuple[int, ...]:
     """``--det-anchor-sizes``: ``"16,32,64"`` -> (16, 32, 64); anything else is a ConfigError naming the value."""
-    try:
-        sizes = tuple(int(size) for size in text.split(","))
-    except ValueError:
-        sizes = ()
-    if not sizes or min(sizes) < 1:
-        raise ConfigError(f"--det-anchor-sizes must be comma-separated positive integers (e.g. 16,32,64,128,256), got {text!r}")
-    return sizes
+    return tuple(number_list(text, "--det-anchor-sizes", int, minimum=1))
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ import config_default as cfg
 from source.data import MULTILABEL_DATASETS, build_downstream_splits, downstream_test_transform, subsample
 from source.maths.models import build_backbone
 from source.run import checkpoint as ckpt
-from source.run.cli import build_parser
+from source.run.cli import build_parser, number_list
 from source.run.distributed import broadcast_object, cleanup_distributed
 from source.run.errors import ConfigError, MissingInputError, run_entry_point
 from source.run.runtime import amp_dtype, run_directory, start
@@ -98,16 +98,6 @@ class _Standardize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def parse_penalties(text: str) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(f"--linear-wd {text!r} must be comma-separated numbers such as '1e-5,1e-4'") from None
-    if not values or min(values) < 0:
-        raise ConfigError(f"--linear-wd {text!r} needs at least one penalty, all >= 0")
-    return values
-
-
 def probe_features(features: dict[str, tuple[Tensor, Tensor]], num_classes: int, k: int, temperature: float,
                    penalties: list[float], max_iter: int) -> dict[str, float]:
     """kNN and linear-probe top-1 (%) on val and test from cached ``{split: (features, labels)}``."""
@@ -157,7 +147,7 @@ def check_args(args: argparse.Namespace) -> list[float]:
     """What the parser's per-flag bounds cannot check; returns the linear probe's penalties."""
     if args.dset in MULTILABEL_DATASETS:
         raise ConfigError(f"--dset {args.dset} is multi-label; the probe scores single-label top-1 only")
-    return parse_penalties(args.linear_wd)
+    return number_list(args.linear_wd, "--linear-wd")
 
 
 def main(args: argparse.Namespace) -> dict[str, float] | None:
