@@ -33,12 +33,16 @@ def proximity_gradient_ratio(lower: Sequence[torch.Tensor], upper: Sequence[torc
     on every rank). Its proximity part is known in closed form, so the pretext part is
     g − λ(θ_P − θ_D): no second backward pass, and the gradients are only read. A parameter
     without a gradient counts as ∇L_P = 0 there. 0-dim float64 tensor; inf when ∇L_P = 0.
+
+    It runs at every lower step, so it works in the parameters' dtype with one temporary per
+    tensor (no float64 copy of the model): g was summed in that dtype by autograd, so a wider
+    subtraction would not recover the digits the sum lost. Only the per-tensor norms are combined
+    in float64.
     """
-    proximity_sq = torch.zeros((), dtype=torch.float64, device=lower[0].device)
-    pretext_sq = torch.zeros_like(proximity_sq)
+    proximity_norms, pretext_norms = [], []
     for p, u in zip(lower, upper, strict=True):
-        proximity = lam * (p.double() - u.double())
-        total = p.grad.double() if p.grad is not None else proximity
-        proximity_sq += (proximity ** 2).sum()
-        pretext_sq += ((total - proximity) ** 2).sum()
-    return torch.sqrt(proximity_sq) / torch.sqrt(pretext_sq)
+        proximity = (p - u).mul_(lam)
+        proximity_norms.append(torch.linalg.vector_norm(proximity))
+        pretext_norms.append(torch.linalg.vector_norm(p.grad - proximity) if p.grad is not None else proximity.new_zeros(()))
+    return (torch.linalg.vector_norm(torch.stack(proximity_norms).double())
+            / torch.linalg.vector_norm(torch.stack(pretext_norms).double()))
