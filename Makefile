@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   -- venv + requirements + the package (editable) + FashionMNIST, then the embedded end-to-end demo
 #   make test   -- the same set-up, then the test suite without the long fault-injection runs (what CI runs)
-#   make test-all -- everything, the long runs too (about 17 minutes)
+#   make test-all -- everything, the long runs too (about 25 minutes, estimated)
 # and, day to day:
 #   make test-fast          -- the tests that take under ~5 s each and start no process (under a minute)
 #   make bench [QUICK=1]    -- every benchmark in bench/ (QUICK=1: tiny sizes, checks that they run)
@@ -39,11 +39,13 @@ $(FASHION_MNIST) &: | setup
 demo: data
 	$(PY) demo.py --data-dir $(DATA_DIR)
 
+# Two pytest workers (pytest-xdist), one test file each at a time (module fixtures are built once):
+# most tests start torch in subprocesses, whose imports alone take seconds of one core.
 test: data
-	$(PY) -m pytest -q -m "not long" tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not long" tests
 
 # Everything, including the long fault-injection runs (launcher killed, SIGTERM/SIGINT/SIGUSR1) and the
-# benchmarks' smoke runs: about 17 minutes on 2 idle cores.
+# benchmarks' smoke runs: about 25 minutes on 2 idle cores (estimated from the parts).
 test-all: data
 	$(PY) -m pytest -q tests
 

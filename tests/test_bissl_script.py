@@ -33,7 +33,7 @@ def bissl_args(images, model_dir, kind="simclr", epochs=2, run_dir=None):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["simclr", "byol"])
+@pytest.mark.parametrize("kind", ["simclr", pytest.param("byol", marks=pytest.mark.long)])  # BYOL's 2-rank step: test_bissl.py
 def test_two_rank_run_writes_the_bissl_backbone(setup, tmp_path, kind):
     images, models = setup
     run_dir = tmp_path / "run"
@@ -56,6 +56,7 @@ def test_two_rank_run_writes_the_bissl_backbone(setup, tmp_path, kind):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+@pytest.mark.long  # three whole runs; the 2-rank kill-and-resume runs of test_reliability/test_stop are long too
 def test_resume_after_kill_matches_uninterrupted(setup, tmp_path):
     images, models = setup
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"

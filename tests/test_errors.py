@@ -25,6 +25,11 @@ from source.run.runtime import RunDirLock
 from tests.distributed_harness import free_port
 from tests.script_helpers import ROOT, command, load_script, make_image_folder, script_env
 
+# The same messages from two ranks under torchrun: `long` (make test-all), since every run pays two
+# interpreters importing torch and torchvision (~7 s each on a CI core); CI checks the one-process runs.
+TWO_RANKS = pytest.param(2, marks=pytest.mark.long)
+
+
 # --- the wrapper, in this process ------------------------------------------------------------
 
 
@@ -240,7 +245,7 @@ PRETRAIN_RUN = Path("runs") / "pretext_simclr_arch-resnet18_dset-imagefolder"
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, TWO_RANKS])
 def test_missing_dataset(nproc, tmp_path):
     flags = ["--dset", "fashionmnist", "--data-dir", str(tmp_path / "empty"), "--model-dir", str(tmp_path),
              "--arch", "resnet18", "--batch-size", "16", "--device", "cpu", "--num-workers", "0"]
@@ -251,7 +256,7 @@ def test_missing_dataset(nproc, tmp_path):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, TWO_RANKS])
 def test_bad_flag_combinations_stop_at_parse_time(nproc, tmp_path):
     result = run(command("bissl.py", "--curvature-every", "2", "--curvature-iters", "0", "--model-dir", str(tmp_path),
                          nproc=nproc))
@@ -265,7 +270,7 @@ def test_bad_flag_combinations_stop_at_parse_time(nproc, tmp_path):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, TWO_RANKS])
 def test_changed_settings_on_resume(nproc, images, finished_pretraining):
     result = run(command("ssl_pre-training.py", *pretrain_flags(images, finished_pretraining, "--lr", "0.1"), nproc=nproc))
     assert_one_error_line(result, "holds a run made with other settings:", nproc)
@@ -274,7 +279,7 @@ def test_changed_settings_on_resume(nproc, images, finished_pretraining):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, TWO_RANKS])
 def test_corrupt_checkpoint(nproc, images, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -293,7 +298,7 @@ def test_corrupt_weights_file(images, tmp_path):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, TWO_RANKS])
 def test_busy_run_dir(nproc, images, tmp_path):
     run_dir = tmp_path / "run"
     lock = RunDirLock(run_dir).acquire()  # held by this (live) test process

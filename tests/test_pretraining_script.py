@@ -46,6 +46,7 @@ def test_two_ranks_end_identical_and_write_outputs(images, tmp_path, pretext, fi
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+@pytest.mark.long  # three whole runs; the 2-rank kill-and-resume runs of test_reliability/test_stop are long too
 def test_resume_after_kill_matches_uninterrupted_run(images, tmp_path):
     args = common_args(images, tmp_path / "straight", epochs=3)
     # wandb in offline mode rides along: it must work without network and change nothing.
