@@ -16,6 +16,7 @@ from scipy import stats
 import config_default as cfg
 from source.run.errors import EXIT_USER_ERROR, run_entry_point
 from source.tools.compare import (
+    DETECTION_SUMMARY_SETTINGS,
     HPO_SETTINGS,
     NOT_COMPARED,
     SUMMARY_SETTINGS,
@@ -26,6 +27,7 @@ from source.tools.compare import (
     markdown_report,
     paired_difference,
     plot_comparison,
+    settings_line,
     welch_difference,
 )
 
@@ -37,7 +39,8 @@ OTHER = [a + d for a, d in zip(BASELINE, DIFFS)]
 
 def config(**overrides) -> dict:
     """A fine-tuning config.json as fine-tuning.py writes it (vars(args) of its parser's defaults)."""
-    values = {**dataclasses.asdict(cfg.GeneralConfig()), **dataclasses.asdict(cfg.FinetuneConfig())}
+    values = {**dataclasses.asdict(cfg.GeneralConfig()), **dataclasses.asdict(cfg.FinetuneConfig()),
+              **dataclasses.asdict(cfg.DetectionConfig())}
     values.update(use_hpo=0, dset="fashionmnist", epochs=8, batch_size=50, max_train_samples=200)
     values.update(overrides)
     return values
@@ -63,7 +66,14 @@ def write_run(path: Path, scores: dict[int, float], base_seed: int = 0, best: di
 
 def test_settings_are_real_fine_tuning_flags():
     flags = set(config())
-    assert set(NOT_COMPARED + HPO_SETTINGS + SUMMARY_SETTINGS) <= flags
+    assert set(NOT_COMPARED + HPO_SETTINGS + SUMMARY_SETTINGS + DETECTION_SUMMARY_SETTINGS) <= flags
+
+
+def test_detection_runs_state_the_detectors_sizes_not_the_pretraining_crop(tmp_path):
+    detection = load_run(write_run(tmp_path / "det", {0: 50.0}, dset="fmnistdet", det_min_size=128, det_max_size=160))
+    assert "det-min-size 128, det-max-size 160" in settings_line(detection)
+    assert "pretrain-img-size" not in settings_line(detection)
+    assert "pretrain-img-size" in settings_line(load_run(write_run(tmp_path / "cls", {0: 50.0})))
 
 
 def test_paired_t_interval_and_p_value_match_the_formula():

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from source.data.detection import DETECTION_DATASETS
 from source.run.checkpoint import save_figure_atomic
 from source.run.errors import CommandLineParser, ConfigError, MissingInputError, add_debug_argument, run_entry_point
 from source.stages.evaluation import METRIC_LABELS
@@ -59,6 +60,9 @@ NOT_COMPARED = (
 )
 HPO_SETTINGS = ("hpo_lr_min", "hpo_lr_max", "hpo_wd_min", "hpo_wd_max")  # compared between HPO runs only
 SUMMARY_SETTINGS = ("epochs", "batch_size", "max_train_samples", "max_eval_samples", "pretrain_arch", "pretrain_img_size")
+# A detection run's images enter at the detector's sizes; the pre-training crop size plays no part.
+DETECTION_SUMMARY_SETTINGS = ("epochs", "batch_size", "max_train_samples", "max_eval_samples", "pretrain_arch", "det_head",
+                              "det_min_size", "det_max_size")
 # (label, results-row key) of the two fine-tuned models every trial scores on the test split.
 MODELS = (("final", "test_final"), ("best-val", "test_best"))
 
@@ -297,7 +301,8 @@ def hpo_summary(run: Run, top_k: int) -> dict:
 
 
 def settings_line(run: Run) -> str:
-    keys = SUMMARY_SETTINGS + (HPO_SETTINGS if run.use_hpo else ())
+    summary = DETECTION_SUMMARY_SETTINGS if run.config.get("dset") in DETECTION_DATASETS else SUMMARY_SETTINGS
+    keys = summary + (HPO_SETTINGS if run.use_hpo else ())
     return ", ".join(f"{key.replace('_', '-')} {run.config.get(key)}" for key in keys)
 
 
