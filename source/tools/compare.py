@@ -59,10 +59,10 @@ NOT_COMPARED = (
     "backbone_origin", "pretrained_backbone_filename", "seed", "lr", "wd",
 )
 HPO_SETTINGS = ("hpo_lr_min", "hpo_lr_max", "hpo_wd_min", "hpo_wd_max")  # compared between HPO runs only
-SUMMARY_SETTINGS = ("epochs", "batch_size", "max_train_samples", "max_eval_samples", "pretrain_arch", "pretrain_img_size")
+_SCHEDULE_SETTINGS = ("epochs", "batch_size", "max_train_samples", "max_eval_samples", "pretrain_arch")
+SUMMARY_SETTINGS = (*_SCHEDULE_SETTINGS, "pretrain_img_size")
 # A detection run's images enter at the detector's sizes; the pre-training crop size plays no part.
-DETECTION_SUMMARY_SETTINGS = ("epochs", "batch_size", "max_train_samples", "max_eval_samples", "pretrain_arch", "det_head",
-                              "det_min_size", "det_max_size")
+DETECTION_SUMMARY_SETTINGS = (*_SCHEDULE_SETTINGS, "det_head", "det_min_size", "det_max_size")
 # (label, results-row key) of the two fine-tuned models every trial scores on the test split.
 MODELS = (("final", "test_final"), ("best-val", "test_best"))
 
