@@ -15,8 +15,10 @@ level trained on): no fine-tuning, so no fine-tuning seed variance. Per point th
 the mean and 95 % CI over seeds of each probe score for BiSSL and for the control, the paired
 gain BiSSL − control, how far each lower backbone moved from the pre-trained one
 (‖θ − θ₀‖/‖θ₀‖ over the parameters), BiSSL's final ‖θ_P − θ_D‖ (what the proximity term still
-pulls on), the proximity gradient's norm relative to the pretext gradient's at the lower steps
-(``coupling/prox_grad_ratio`` of bissl.py's history, averaged over alternations: how strongly the
+pulls on), the same probe of BiSSL's upper backbone θ_D (how aligned the backbone that θ_P is
+pulled towards was: θ_D far above θ_P says θ_P did not follow it; θ_D no better than the control
+says there was nothing to follow), the proximity gradient's norm relative to the pretext gradient's
+at the lower steps (``coupling/prox_grad_ratio`` of bissl.py's history, averaged over alternations: how strongly the
 upper level pulls), and the wall time of each run with the machine's load while it ran.
 
 A grid point is ``optimizer:lr:lam:alternations`` (the lower optimizer and its peak lr, λ, the
@@ -64,6 +66,7 @@ DEMO_STEPS = (4, 4)  # lower, upper steps per alternation at demo scale (the iss
 LOWER_OPTIMIZERS = ("sgd", "lars")
 KINDS = ("bissl", "control")
 SCORES = ("knn_val_top1", "knn_test_top1", "linear_val_top1", "linear_test_top1")
+UPPER_SCORES = ("knn_test_top1", "linear_test_top1")  # of BiSSL's upper backbone θ_D, beside θ_P's
 NOT_PARAMETERS = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm buffers in a backbone file
 
 
@@ -178,6 +181,7 @@ class Study:
         if self.pretext == "byol":
             self.pretext_files.append(f"pretext_byol_arch-{self.arch}_pred.pth")
         self.bissl_backbone = f"BiSSL-backbone_{self.pretext}_arch-{self.arch}_dset-{self.dset}.pth"
+        self.bissl_upper_backbone = f"BiSSL-upper-backbone_{self.pretext}_arch-{self.arch}_dset-{self.dset}.pth"
         self.bissl_config = f"BiSSL_{self.pretext}_arch-{self.arch}_dset-{self.dset}_config.json"
 
     def run_dir(self, run: Run) -> Path:
@@ -255,7 +259,9 @@ def backbone_movement(weights: Path, reference: Path) -> float:
 
 
 def run_all(study: Study, runner: StageRunner, runs: list[Run]) -> None:
-    """Pre-trained probe first, then each run's BiSSL stage and the probe of its lower backbone."""
+    """Pre-trained probe first, then each run's BiSSL stage, the probe of its lower backbone and, for BiSSL
+    (not the control, whose upper level never trains), the probe of its upper backbone θ_D: how aligned
+    the backbone θ_P was pulled towards was."""
     runner.run("pretrained: probe", study.probe_command(study.model_dir, study.backbone, study.out_dir / "probe_pretrained"),
                study.out_dir / "probe_pretrained" / "probe.json")
     for run in runs:
@@ -264,6 +270,10 @@ def run_all(study: Study, runner: StageRunner, runs: list[Run]) -> None:
         runner.run(f"{run.name}: BiSSL", study.bissl_command(run), run_dir / "models" / study.bissl_backbone)
         runner.run(f"{run.name}: probe", study.probe_command(run_dir / "models", study.bissl_backbone, run_dir / "probe"),
                    run_dir / "probe" / "probe.json")
+        if run.kind == "bissl":
+            runner.run(f"{run.name}: upper probe",
+                       study.probe_command(run_dir / "models", study.bissl_upper_backbone, run_dir / "probe_upper"),
+                       run_dir / "probe_upper" / "probe.json")
 
 
 def finished_runs(study: Study, runs: list[Run]) -> list[Run]:
@@ -278,24 +288,30 @@ def finished_runs(study: Study, runs: list[Run]) -> list[Run]:
 
 
 def measure_run(study: Study, runner: StageRunner, run: Run) -> dict:
-    """What one run produced: its probe scores, movement, final θ_P–θ_D distance, wall time and load."""
+    """What one run produced: its probe scores (and its upper backbone's, where probed), movement, final
+    θ_P–θ_D distance, wall time and load."""
     run_dir = study.run_dir(run)
     results = json.loads((run_dir / "probe" / "probe.json").read_text())["results"]
+    upper_probe = run_dir / "probe_upper" / "probe.json"
+    upper = json.loads(upper_probe.read_text())["results"] if run.kind == "bissl" and upper_probe.is_file() else {}
     history = json.loads((run_dir / "models" / study.bissl_config).read_text()).get("history", [])
     final_gap = history[-1].get("distance", math.nan) if history and run.kind == "bissl" else math.nan
     ratios = [h["coupling/prox_grad_ratio"] for h in history if "coupling/prox_grad_ratio" in h]
     stage = f"{run.name}: BiSSL"
     return {"point": run.point.name, "kind": run.kind, "seed": run.seed, **{score: results[score] for score in SCORES},
+            **{f"upper_{score}": upper.get(score, math.nan) for score in UPPER_SCORES},
             "moved": backbone_movement(run_dir / "models" / study.bissl_backbone, study.model_dir / study.backbone),
             "final_gap": final_gap, "prox_ratio": sum(ratios) / len(ratios) if ratios else math.nan,
             "wall_s": runner.seconds(stage), "load": runner.loads.describe(stage)}
 
 
 def _interval(values: list[float], digits: int = 2) -> str:
-    mean, low, high = mean_interval(values)
-    if math.isnan(low):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+    measured = [value for value in values if not math.isnan(value)]  # NaN: not measured (e.g. an upper probe not run yet)
+    if not measured:
+        return "-"
+    mean, low, high = mean_interval(measured)
+    text = f"{mean:.{digits}f}" if math.isnan(low) else f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+    return text if len(measured) == len(values) else f"{text} (n = {len(measured)})"
 
 
 def _gain(bissl: list[dict], control: list[dict], score: str) -> str:
@@ -319,7 +335,9 @@ def summary_rows(points: list[Point], measured: list[dict], lower_steps: int) ->
                    "run": "BiSSL" if kind == "bissl" else "no-upper control", "seeds": str(len(group))}
             row.update({score: _interval([m[score] for m in group]) for score in SCORES})
             row["moved from pre-trained (%)"] = _interval([100 * m["moved"] for m in group], 3)
-            row["final ||θ_P − θ_D||"] = _interval([m["final_gap"] for m in group]) if kind == "bissl" else "-"
+            row["final ‖θ_P − θ_D‖"] = _interval([m["final_gap"] for m in group]) if kind == "bissl" else "-"
+            for score in UPPER_SCORES:
+                row[f"upper backbone θ_D, {score}"] = _interval([m[f"upper_{score}"] for m in group]) if kind == "bissl" else "-"
             row["‖λ(θ_P − θ_D)‖/‖∇L_P‖ (mean over alternations)"] = _interval([m["prox_ratio"] for m in group], 3)
             row["BiSSL − control, kNN test"] = _gain(group, by_kind["control"], "knn_test_top1") if kind == "bissl" else ""
             row["BiSSL − control, linear test"] = _gain(group, by_kind["control"], "linear_test_top1") if kind == "bissl" else ""
@@ -345,10 +363,12 @@ def markdown_table(rows: list[dict[str, str]], baseline: dict) -> str:
 
 def csv_table(measured: list[dict], baseline: dict) -> str:
     buffer = io.StringIO()
-    fields = ["point", "kind", "seed", *SCORES, "moved", "final_gap", "prox_ratio", "wall_s", "load"]
+    fields = ["point", "kind", "seed", *SCORES, *(f"upper_{score}" for score in UPPER_SCORES), "moved", "final_gap", "prox_ratio",
+              "wall_s", "load"]
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerow({"point": "pretrained", "kind": "pretrained", "seed": "", **{s: baseline[s] for s in SCORES},
+                     **{f"upper_{s}": "" for s in UPPER_SCORES},
                      "moved": 0.0, "final_gap": "", "prox_ratio": "", "wall_s": "", "load": ""})
     for row in measured:
         writer.writerow({key: (f"{value:.6g}" if isinstance(value, float) else value) for key, value in row.items()})
@@ -368,44 +388,54 @@ def _curve(measured: list[dict], names: list[str], kind: str, score: str) -> tup
     return means, moved, errors
 
 
+def curves(points: list[Point], axis: str) -> dict[str, list[Point]]:
+    """The points on one curve of the figure against ``axis`` ("lam" or "alternations"): those that share
+    every other setting, sorted along the axis, keyed by the legend label naming the shared settings."""
+    groups: dict[str, list[Point]] = {}
+    for point in points:
+        label = f"{point.optimizer} lr {point.lr:g}, " + (f"T {point.alternations}" if axis == "lam" else f"λ {point.lam:g}")
+        groups.setdefault(label, []).append(point)
+    return {label: sorted(members, key=lambda point: getattr(point, axis)) for label, members in groups.items()}
+
+
 def plot(points: list[Point], measured: list[dict], baseline: dict, path: Path) -> Path:
     """kNN and linear test top-1 (mean, 95 % CI over seeds) against λ (left: one curve per lower optimizer,
-    lr and T; BiSSL solid, its control dashed) and against how far the lower backbone moved from the
-    pre-trained one (right: every point, BiSSL filled, control open); the pre-trained backbone grey."""
+    lr and T), against the number of alternations T (middle: one curve per lower optimizer, lr and λ) and
+    against how far the lower backbone moved from the pre-trained one (right: every point); BiSSL solid and
+    filled, its control dashed and open, the pre-trained backbone grey."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     from source.run.checkpoint import save_figure_atomic
 
-    figure = Figure(figsize=(11, 7.5))
+    figure = Figure(figsize=(16, 7.5))
     FigureCanvasAgg(figure)
-    grid = figure.subplots(2, 2, squeeze=False)
-    curves: dict[str, list[Point]] = {}
-    for point in points:
-        curves.setdefault(f"{point.optimizer} lr {point.lr:g}, T {point.alternations}", []).append(point)
+    grid = figure.subplots(2, 3, squeeze=False)
     for row, score in enumerate(("knn_test_top1", "linear_test_top1")):
-        by_lam, by_movement = grid[row]
-        for index, (label, members) in enumerate(curves.items()):
-            members = sorted(members, key=lambda point: point.lam)
-            names, lams = [point.name for point in members], [point.lam for point in members]
-            for kind, style, face in (("bissl", "-", f"C{index % 10}"), ("control", "--", "white")):
-                means, moved, errors = _curve(measured, names, kind, score)
-                suffix = "" if kind == "bissl" else " (no upper)"
-                by_lam.errorbar(lams, means, yerr=errors, ls=style, marker="o", capsize=3, color=f"C{index % 10}",
-                                mfc=face, label=label + suffix)
+        by_lam, by_alternations, by_movement = grid[row]
+        for axes, axis in ((by_lam, "lam"), (by_alternations, "alternations")):
+            for index, (label, members) in enumerate(curves(points, axis).items()):
+                names, xs = [point.name for point in members], [getattr(point, axis) for point in members]
+                for kind, style, face in (("bissl", "-", f"C{index % 10}"), ("control", "--", "white")):
+                    means, _, errors = _curve(measured, names, kind, score)
+                    axes.errorbar(xs, means, yerr=errors, ls=style, marker="o", capsize=3, color=f"C{index % 10}",
+                                  mfc=face, label=label + ("" if kind == "bissl" else " (no upper)"))
+        for index, point in enumerate(points):
+            for kind, face in (("bissl", f"C{index % 10}"), ("control", "white")):
+                means, moved, errors = _curve(measured, [point.name], kind, score)
+                label = f"{point.optimizer} lr {point.lr:g}, λ {point.lam:g}, T {point.alternations}"
                 by_movement.errorbar(moved, means, yerr=errors, ls="none", marker="o", capsize=3, color=f"C{index % 10}",
-                                     mfc=face, label=label + suffix)
-                if kind == "bissl":
-                    for x, y, lam in zip(moved, means, lams):
-                        by_movement.annotate(f"λ {lam:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                                     mfc=face, label=label + ("" if kind == "bissl" else " (no upper)"))
         name = ("kNN" if score.startswith("knn") else "linear probe") + " test top-1 (%)"
-        for axes, xlabel in ((by_lam, "λ"), (by_movement, "lower backbone moved from the pre-trained one, ‖θ − θ₀‖/‖θ₀‖ (%)")):
+        for axes, xlabel in ((by_lam, "λ"), (by_alternations, "alternations T"),
+                             (by_movement, "lower backbone moved from the pre-trained one, ‖θ − θ₀‖/‖θ₀‖ (%)")):
             axes.axhline(baseline[score], color="grey", lw=1, label="pre-trained")
             axes.set_xlabel(xlabel)
             axes.set_ylabel(name)
             axes.grid(alpha=0.3)
-            axes.legend(fontsize=7)
+            axes.legend(fontsize=6)
         by_lam.set_xscale("log")
+        by_alternations.set_xscale("log", base=2)
     figure.suptitle("BiSSL lower backbone, probed: mean and 95 % CI over seeds (filled BiSSL, open no-upper control)")
     figure.tight_layout()
     return save_figure_atomic(figure, path)

@@ -49,14 +49,19 @@ def test_movement_is_relative_to_the_pretrained_parameters_only(study, tmp_path)
 def test_summary_pairs_bissl_with_its_control_by_seed(study):
     point = study.Point("sgd", 0.05, 1.0, 2)
     measured = [{"point": point.name, "kind": kind, "seed": seed, "knn_val_top1": 0.0, "linear_val_top1": 0.0,
-                 "knn_test_top1": value, "linear_test_top1": value, "moved": 0.01, "final_gap": 1.0, "prox_ratio": 0.5, "wall_s": 60.0, "load": "2.0-2.0"}
+                 "knn_test_top1": value, "linear_test_top1": value, "moved": 0.01, "final_gap": 1.0, "prox_ratio": 0.5, "wall_s": 60.0, "load": "2.0-2.0",
+                 "upper_knn_test_top1": value + 5 if kind == "bissl" and seed < 2 else float("nan"), "upper_linear_test_top1": float("nan")}
                 for kind, values in (("bissl", (60.0, 62.0, 64.0)), ("control", (50.0, 51.0, 52.0))) for seed, value in enumerate(values)]
     bissl, control = study.summary_rows([point], measured, lower_steps=4)
     # per-seed differences 10, 11, 12: mean 11, sd 1, 95 % CI 11 ± 2.484
     assert bissl["BiSSL − control, kNN test"] == "+11.00 [+8.52, +13.48]"
-    assert bissl["knn_test_top1"] == "62.00 [57.03, 66.97]" and control["final ||θ_P − θ_D||"] == "-"
+    assert bissl["knn_test_top1"] == "62.00 [57.03, 66.97]" and control["final ‖θ_P − θ_D‖"] == "-"
     assert bissl["lower steps"] == "8" and bissl["moved from pre-trained (%)"] == "1.000 [1.000, 1.000]"
     assert control["BiSSL − control, kNN test"] == "" and bissl["wall (min, mean)"] == "1.0"
+    # the upper backbone probed for two of the three seeds (65, 67): said so; not at all: '-'
+    assert bissl["upper backbone θ_D, knn_test_top1"] == "66.00 [53.29, 78.71] (n = 2)" and bissl["upper backbone θ_D, linear_test_top1"] == "-"
+    assert control["upper backbone θ_D, knn_test_top1"] == "-"
+    assert not [column for column in bissl if "|" in column]  # a '|' in a header would split its markdown column
 
 
 def _study_args(study, out_dir, data_dir, models):
@@ -73,6 +78,21 @@ def _scores(out_dir):
     """The table's measured values (wall time and load vary between runs)."""
     rows = list(csv.DictReader(io.StringIO((out_dir / "dose_response.csv").read_text())))
     return [{key: value for key, value in row.items() if key not in ("wall_s", "load")} for row in rows]
+
+
+
+def test_the_figure_draws_one_curve_per_shared_setting_along_lam_and_along_alternations(study, tmp_path):
+    points = study.parse_points("sgd:0.05:1/0.001:6,sgd:0.05:1:12/3,lars:1:1:6")
+    along_lam = study.curves(points, "lam")
+    assert {label: [p.lam for p in members] for label, members in along_lam.items()} == {
+        "sgd lr 0.05, T 6": [0.001, 1.0], "sgd lr 0.05, T 12": [1.0], "sgd lr 0.05, T 3": [1.0], "lars lr 1, T 6": [1.0]}
+    along_alternations = study.curves(points, "alternations")
+    assert {label: [p.alternations for p in members] for label, members in along_alternations.items()} == {
+        "sgd lr 0.05, λ 1": [3, 6, 12], "sgd lr 0.05, λ 0.001": [6], "lars lr 1, λ 1": [6]}
+    measured = [{"point": point.name, "kind": kind, "seed": seed, "knn_test_top1": 60.0 + seed, "linear_test_top1": 70.0 - seed,
+                 "moved": 0.01 * (seed + 1)} for point in points for kind in study.KINDS for seed in range(2)]
+    figure = study.plot(points, measured, {"knn_test_top1": 58.0, "linear_test_top1": 68.0}, tmp_path / "dose_response.png")
+    assert figure.is_file() and figure.stat().st_size > 10_000
 
 
 @pytest.mark.multiprocess

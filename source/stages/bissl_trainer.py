@@ -206,7 +206,8 @@ class BisslTrainer:
 
     # ---------------------------------------------------------------------------------------
     def lower_step(self, view1: torch.Tensor, view2: torch.Tensor) -> dict[str, float]:
-        """One LARS step on L_P(θ_P, ψ) + (λ/2)‖θ_P − θ_D‖² (θ_D fixed), clipped to grad_clip.
+        """One step of the lower optimizer (``--p-optimizer``: LARS by default) on L_P(θ_P, ψ) + (λ/2)‖θ_P − θ_D‖²
+        (θ_D fixed), the gradient clipped to grad_clip.
 
         Also returns ``coupling/prox_grad_ratio`` = ‖λ(θ_P − θ_D)‖ / ‖∇_θP L_P‖ of this step's
         (rank-averaged, unclipped) gradient (``source.maths.coupling``)."""
