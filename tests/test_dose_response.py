@@ -80,7 +80,6 @@ def _scores(out_dir):
     return [{key: value for key, value in row.items() if key not in ("wall_s", "load")} for row in rows]
 
 
-
 def test_the_figure_draws_one_curve_per_shared_setting_along_lam_and_along_alternations(study, tmp_path):
     points = study.parse_points("sgd:0.05:1/0.001:6,sgd:0.05:1:12/3,lars:1:1:6")
     along_lam = study.curves(points, "lam")
@@ -131,6 +130,6 @@ def test_a_stopped_study_reruns_only_the_missing_stages_and_ends_with_the_same_t
     monkeypatch.setattr(study.demo.Stages, "run", record)
     study.main(_study_args(study, stopped, images, models))
     assert skipped == ["pretrained: probe", "sgd-lr0.05_lam1_alt1/bissl-seed0: BiSSL"]
-    assert ran == ["sgd-lr0.05_lam1_alt1/bissl-seed0: probe", "sgd-lr0.05_lam1_alt1/control-seed0: BiSSL",
-                   "sgd-lr0.05_lam1_alt1/control-seed0: probe"]
+    assert ran == ["sgd-lr0.05_lam1_alt1/bissl-seed0: probe", "sgd-lr0.05_lam1_alt1/bissl-seed0: upper probe",
+                   "sgd-lr0.05_lam1_alt1/control-seed0: BiSSL", "sgd-lr0.05_lam1_alt1/control-seed0: probe"]  # no upper probe: no upper level
     assert _scores(stopped) == _scores(whole)
