@@ -17,9 +17,9 @@ gain BiSSL − control, how far each lower backbone moved from the pre-trained o
 (‖θ − θ₀‖/‖θ₀‖ over the parameters), BiSSL's final ‖θ_P − θ_D‖ (what the proximity term still
 pulls on), the same probe of BiSSL's upper backbone θ_D (how aligned the backbone that θ_P is
 pulled towards was: θ_D far above θ_P says θ_P did not follow it; θ_D no better than the control
-says there was nothing to follow), the proximity gradient's norm relative to the pretext gradient's
-at the lower steps (``coupling/prox_grad_ratio`` of bissl.py's history, averaged over alternations: how strongly the
-upper level pulls), and the wall time of each run with the machine's load while it ran.
+says there was nothing to follow), the proximity gradient's norm relative to the pretext
+gradient's at the lower steps (``coupling/prox_grad_ratio`` of bissl.py's history, averaged over
+alternations: how strongly the upper level pulls), and the wall time of each run with the machine's load while it ran.
 
 A grid point is ``optimizer:lr:lam:alternations`` (the lower optimizer and its peak lr, λ, the
 number of alternations T); each field may list values separated by ``/``, which expands to their
@@ -56,6 +56,7 @@ import torch
 from source.run.errors import ConfigError, MissingInputError, run_entry_point
 from source.run.scripts import load_script
 from source.run.study import LoadLog, link_pretrained, mean_interval, minutes
+from source.stages.bissl_run import output_names
 from source.tools.compare import paired_difference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,9 +181,8 @@ class Study:
         self.pretext_files = [self.backbone, f"pretext_{self.pretext}_arch-{self.arch}_proj.pth"]
         if self.pretext == "byol":
             self.pretext_files.append(f"pretext_byol_arch-{self.arch}_pred.pth")
-        self.bissl_backbone = f"BiSSL-backbone_{self.pretext}_arch-{self.arch}_dset-{self.dset}.pth"
-        self.bissl_upper_backbone = f"BiSSL-upper-backbone_{self.pretext}_arch-{self.arch}_dset-{self.dset}.pth"
-        self.bissl_config = f"BiSSL_{self.pretext}_arch-{self.arch}_dset-{self.dset}_config.json"
+        names = output_names(argparse.Namespace(p_pretext_type=self.pretext, arch=self.arch, d_dset=self.dset))  # bissl.py's own
+        self.bissl_backbone, self.bissl_upper_backbone, self.bissl_config = (names[key] for key in ("lower_backbone", "upper_backbone", "config"))
 
     def run_dir(self, run: Run) -> Path:
         return self.out_dir / "runs" / run.point.name / f"{run.kind}-seed{run.seed}"
